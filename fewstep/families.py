@@ -1,0 +1,214 @@
+"""One definition per few-step family: how its authors sampled it, as diffusers reproduces it.
+
+Adding a family means adding one `Family` entry to `FAMILIES`; the scheduler, sampler, one-node
+sampler, loaders and frontend all read from here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+# How the sampler turns the model's x0 prediction into the next latent (see update_rules.py).
+UpdateRule = Literal["euler", "euler_ancestral", "ddim", "lcm", "tcd"]
+
+# How the first latent is made from noise when sampling from an empty latent:
+# "unit_variance": diffusers' DDPM-style schedulers start from N(0, 1) in their own (scaled) space,
+#                  i.e. noise · sqrt(1 + σ₀²) in ComfyUI's space (init_noise_sigma = 1.0).
+# "sigma":         diffusers' Euler schedulers with trailing spacing start from noise · σ₀
+#                  (init_noise_sigma = max σ of the schedule), where ComfyUI would use sqrt(1 + σ₀²).
+InitialNoise = Literal["unit_variance", "sigma"]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    display_name: str
+    # The diffusers scheduler class the model cards use, and what they change in SD/SDXL's config.
+    scheduler_class: str
+    scheduler_overrides: Mapping[str, object]
+    # "lcm": the scheduler's own set_timesteps(steps, strength=denoise) (LCM img2img pipeline).
+    # "trailing": the scheduler's full schedule for `steps`, of which img2img runs the last
+    #             int(steps · denoise) steps (diffusers' img2img get_timesteps).
+    timestep_rule: Literal["lcm", "trailing"]
+    update_rule: UpdateRule
+    initial_noise: InitialNoise
+    default_steps: int
+    default_cfg: float
+    reference: str
+    # Timesteps a model card publishes for a given step count; they win over the computed spacing.
+    published_timesteps: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    # TCD's gamma; None where the rule has no stochasticity parameter.
+    default_eta: float | None = None
+    # Step counts the family was distilled for (the one the card names first is the default).
+    only_steps: tuple[int, ...] | None = None
+
+
+# SD 1.5 and SDXL ship the same training noise schedule; the cards build their schedulers from it.
+SD_SCHEDULER_CONFIG: Mapping[str, object] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+}
+
+LCM_ORIGINAL_INFERENCE_STEPS = 50  # LCMScheduler's default, as in the LCM and LCM-LoRA cards.
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            name="lcm",
+            display_name="LCM / LCM-LoRA",
+            scheduler_class="LCMScheduler",
+            scheduler_overrides={},
+            timestep_rule="lcm",
+            update_rule="lcm",
+            initial_noise="unit_variance",
+            default_steps=4,
+            default_cfg=1.0,
+            reference="latent-consistency/lcm-lora-sdv1-5, lcm-lora-sdxl: LCMScheduler, 4 steps, guidance 1.0",
+        ),
+        Family(
+            name="tcd",
+            display_name="TCD (Trajectory Consistency Distillation)",
+            scheduler_class="TCDScheduler",
+            scheduler_overrides={},
+            timestep_rule="lcm",
+            update_rule="tcd",
+            initial_noise="unit_variance",
+            default_steps=4,
+            default_cfg=1.0,
+            default_eta=0.3,
+            reference="h1t/TCD-SD15-LoRA, TCD-SDXL-LoRA: TCDScheduler, 4 steps, eta (gamma) 0.3, guidance 0",
+        ),
+        Family(
+            name="turbo",
+            display_name="SD-Turbo / SDXL-Turbo (ADD)",
+            scheduler_class="EulerAncestralDiscreteScheduler",
+            scheduler_overrides={"timestep_spacing": "trailing"},
+            timestep_rule="trailing",
+            update_rule="euler_ancestral",
+            initial_noise="sigma",
+            default_steps=1,
+            default_cfg=1.0,
+            reference="stabilityai/sdxl-turbo: EulerAncestral, trailing, 1 step at 512², guidance 0",
+        ),
+        Family(
+            name="lightning",
+            display_name="SDXL-Lightning",
+            scheduler_class="EulerDiscreteScheduler",
+            scheduler_overrides={"timestep_spacing": "trailing"},
+            timestep_rule="trailing",
+            update_rule="euler",
+            initial_noise="sigma",
+            default_steps=4,
+            default_cfg=1.0,
+            reference="ByteDance/SDXL-Lightning: EulerDiscrete, trailing, guidance 0 (1-step UNet: x0 prediction)",
+        ),
+        Family(
+            name="hyper_sd",
+            display_name="Hyper-SD (2/4/8/12-step LoRA)",
+            scheduler_class="DDIMScheduler",
+            scheduler_overrides={"timestep_spacing": "trailing"},
+            timestep_rule="trailing",
+            update_rule="ddim",
+            initial_noise="unit_variance",
+            default_steps=8,
+            default_cfg=1.0,
+            reference="ByteDance/Hyper-SD: DDIMScheduler, trailing, guidance 0 (CFG LoRAs: 5–8)",
+        ),
+        Family(
+            name="hyper_sd_1step",
+            display_name="Hyper-SD 1-step LoRA",
+            scheduler_class="TCDScheduler",
+            scheduler_overrides={},
+            timestep_rule="lcm",
+            update_rule="tcd",
+            initial_noise="unit_variance",
+            default_steps=1,
+            default_cfg=1.0,
+            default_eta=1.0,
+            reference="ByteDance/Hyper-SD 1-step LoRA: TCDScheduler, eta 1.0, guidance 0",
+        ),
+        Family(
+            name="hyper_sd_1step_unet",
+            display_name="Hyper-SDXL 1-step UNet",
+            scheduler_class="LCMScheduler",
+            scheduler_overrides={},
+            timestep_rule="lcm",
+            update_rule="lcm",
+            initial_noise="unit_variance",
+            default_steps=1,
+            default_cfg=1.0,
+            published_timesteps={1: (800,)},
+            only_steps=(1,),
+            reference="ByteDance/Hyper-SD Hyper-SDXL-1step-Unet: LCMScheduler, timesteps [800], guidance 0",
+        ),
+        Family(
+            name="dmd2",
+            display_name="DMD2",
+            scheduler_class="LCMScheduler",
+            scheduler_overrides={},
+            timestep_rule="trailing",
+            update_rule="lcm",
+            initial_noise="unit_variance",
+            default_steps=4,
+            default_cfg=1.0,
+            # 4-step card: timesteps [999, 749, 499, 249]; 1-step card: [399]. Other counts: trailing.
+            published_timesteps={4: (999, 749, 499, 249), 1: (399,)},
+            reference="tianweiy/DMD2: LCMScheduler, timesteps [999, 749, 499, 249], guidance 0",
+        ),
+    )
+}
+
+FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
+
+
+class FewStepInputError(ValueError):
+    """Something the user set is wrong; the message names the input and what to do."""
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise FewStepInputError(
+            f"family: '{name}' is not a FewStep family (a workflow saved by another version may use "
+            f"an old name). Choose one of: {', '.join(FAMILY_NAMES)}."
+        ) from None
+
+
+@dataclass(frozen=True)
+class FewStepSettings:
+    """What a loader detected about a file: the family and its reference settings.
+
+    Passed between nodes as the FEWSTEP_SETTINGS type so the scheduler, sampler and one-node sampler
+    follow the file's card without the user knowing it by heart.
+    """
+
+    family: str | None  # None: not a few-step file (a style LoRA, say)
+    steps: int | None = None
+    cfg: float | None = None
+    eta: float | None = None
+    source: str = ""  # the file the settings were detected from
+    reason: str = ""  # how they were detected (metadata, key signature, file name)
+    prediction_type: str = "epsilon"
+
+    def summary(self) -> str:
+        if self.family is None:
+            return f"{self.source}: not a few-step model ({self.reason})"
+        parts = [f"family {self.family}"]
+        if self.steps is not None:
+            parts.append(f"{self.steps} steps")
+        if self.cfg is not None:
+            parts.append(f"cfg {self.cfg:g}")
+        if self.eta is not None:
+            parts.append(f"eta {self.eta:g}")
+        if self.prediction_type != "epsilon":
+            parts.append(f"{self.prediction_type} prediction")
+        return f"{self.source}: {', '.join(parts)} ({self.reason})"
