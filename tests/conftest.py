@@ -26,3 +26,42 @@ def _register_pack() -> None:
 
 _register_pack()
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests' own helpers (comfy_harness, tiny_models)
+
+
+import pytest  # noqa: E402
+
+from comfy_harness import COMFYUI_MISSING, COMFYUI_PATH, InProcessComfy, require_comfyui  # noqa: E402
+
+
+def pytest_report_header(config):
+    if COMFYUI_PATH is None:
+        return f"!!! {COMFYUI_MISSING} !!!"
+    return f"ComfyUI: {COMFYUI_PATH}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if COMFYUI_PATH is None:
+        terminalreporter.write_line(f"!!! {COMFYUI_MISSING} !!!", red=True, bold=True)
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory) -> InProcessComfy:
+    """Real ComfyUI in this process (CPU), with this pack loaded by its custom-node loader."""
+    path = require_comfyui()
+    return InProcessComfy(path, tmp_path_factory.mktemp("comfy_base"))
+
+
+@pytest.fixture(scope="session")
+def sd15(comfy):
+    """Tiny SD1.5-family model (UNet, checkpoint, diffusers copy) in comfy's models folders."""
+    import tiny_models
+
+    return tiny_models.build_sd15(comfy.models_dir)
+
+
+@pytest.fixture(scope="session")
+def sdxl(comfy):
+    """Tiny SDXL-family model (UNet, checkpoint, diffusers copy) in comfy's models folders."""
+    import tiny_models
+
+    return tiny_models.build_sdxl(comfy.models_dir)
