@@ -52,7 +52,8 @@ def _check_timesteps(timesteps: Sequence[int]) -> None:
         )
 
 
-def check_steps(family: Family, steps: int, denoise: float) -> None:
+def check_steps(family: Family, steps: int, denoise: float,
+                original_inference_steps: int = LCM_ORIGINAL_INFERENCE_STEPS) -> None:
     """Raise FewStepInputError, naming the input and the fix, for step/denoise a family can't run."""
     if steps < 1:
         raise FewStepInputError(f"steps: {steps} — a schedule needs at least 1 step.")
@@ -74,12 +75,17 @@ def check_steps(family: Family, steps: int, denoise: float) -> None:
             f"With {steps} steps use denoise ≥ {minimum:g}, or raise steps to {math.ceil(1 / denoise)}."
         )
     if family.timestep_rule == "lcm":
-        usable = int(LCM_ORIGINAL_INFERENCE_STEPS * denoise)
-        if steps > usable:
+        if not 1 <= original_inference_steps <= NUM_TRAIN_TIMESTEPS:
+            raise FewStepInputError(
+                f"original_inference_steps: {original_inference_steps} — must be 1–{NUM_TRAIN_TIMESTEPS} "
+                f"(the cards use {LCM_ORIGINAL_INFERENCE_STEPS})."
+            )
+        usable = int(original_inference_steps * denoise)
+        if steps > usable and not family.published_timesteps.get(steps):
             raise FewStepInputError(
                 f"steps: {steps} with denoise {denoise:g} — {family.name} picks its steps from "
-                f"{LCM_ORIGINAL_INFERENCE_STEPS} × denoise = {usable} original timesteps; "
-                f"use at most {usable} steps or a higher denoise."
+                f"original_inference_steps × denoise = {original_inference_steps} × {denoise:g} = {usable} "
+                f"timesteps; use at most {usable} steps or a higher denoise."
             )
 
 
@@ -88,24 +94,30 @@ def reference_timesteps(
     steps: int,
     denoise: float = 1.0,
     timesteps: Sequence[int] | None = None,
+    original_inference_steps: int = LCM_ORIGINAL_INFERENCE_STEPS,
 ) -> list[int]:
     """The timesteps the family's reference pipeline runs for `steps` at `denoise`.
 
-    `timesteps` overrides the schedule (as the cards' `timesteps=[…]` argument does); with
-    denoise < 1 the override is cut the same way as the family's own schedule.
+    `timesteps` replaces the schedule (as the cards' `timesteps=[…]` argument does) and is run as
+    given: it sets its own start, so it takes no denoise (start the list lower for img2img).
     """
     family = get_family(family_name)
     if timesteps is not None:
         timesteps = [int(t) for t in timesteps]
         _check_timesteps(timesteps)
-        steps = len(timesteps)
-    check_steps(family, steps, denoise)
+        if denoise != 1.0:
+            raise FewStepInputError(
+                f"denoise: {denoise:g} with an explicit timesteps list — the list sets where sampling "
+                "starts; leave denoise at 1.0 and start the list lower (e.g. 499, 259) for img2img."
+            )
+        return timesteps
+    check_steps(family, steps, denoise, original_inference_steps)
 
-    published = timesteps or family.published_timesteps.get(steps)
+    published = family.published_timesteps.get(steps)
     if family.timestep_rule == "lcm":
-        scheduler = reference_scheduler(family)
+        scheduler = reference_scheduler(family, original_inference_steps=original_inference_steps)
         # LatentConsistencyModelImg2ImgPipeline: set_timesteps(steps, strength=denoise), with the
-        # config's original_inference_steps (passing it explicitly switches TCD to another grid).
+        # original_inference_steps from the config (passing it to set_timesteps switches TCD to another grid).
         kwargs = {"timesteps": list(published)} if published else {"num_inference_steps": steps}
         with _quiet_diffusers():
             scheduler.set_timesteps(strength=denoise, **kwargs)

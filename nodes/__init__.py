@@ -1,0 +1,12 @@
+"""FewStep's ComfyUI nodes (V3 schema), registered through one ComfyExtension."""
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .sampling import SAMPLING_NODES
+
+
+class FewStepExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*SAMPLING_NODES]

@@ -1,0 +1,211 @@
+"""FewStepScheduler and FewStepSampler: the family's reference timesteps and update rule in ComfyUI.
+
+Thin glue: the maths is in fewstep.schedules and fewstep.update_rules.
+"""
+from __future__ import annotations
+
+import comfy.samplers
+from comfy.k_diffusion.sampling import default_noise_sampler
+from comfy_api.latest import io
+
+from ..fewstep import update_rules
+from ..fewstep.families import FAMILY_NAMES, Family, FewStepInputError, FewStepSettings, get_family
+from ..fewstep.schedules import (
+    LCM_ORIGINAL_INFERENCE_STEPS,
+    DiscreteNoiseSchedule,
+    parse_timesteps,
+    reference_timesteps,
+)
+from .types import FewStepSettingsType
+
+ETA_FROM_FAMILY = -1.0
+
+FAMILY_TOOLTIP = (
+    "The few-step family the model was distilled as; it fixes timesteps and update rule. "
+    + "; ".join(f"{name}: {get_family(name).reference}" for name in FAMILY_NAMES)
+)
+SETTINGS_TOOLTIP = (
+    "Settings a FewStep loader detected from the LoRA/UNet file; when connected, its family "
+    "replaces the family widget."
+)
+
+
+def family_input() -> io.Combo.Input:
+    return io.Combo.Input("family", options=list(FAMILY_NAMES), default="lcm", tooltip=FAMILY_TOOLTIP)
+
+
+def settings_input() -> io.Input:
+    return FewStepSettingsType.Input("settings", optional=True, tooltip=SETTINGS_TOOLTIP)
+
+
+def resolve_family(family: str, settings: FewStepSettings | None) -> Family:
+    if settings is not None and settings.family is not None:
+        return get_family(settings.family)
+    return get_family(family)
+
+
+def model_noise_schedule(model) -> DiscreteNoiseSchedule:
+    model_sampling = model.get_model_object("model_sampling")
+    sigmas = getattr(model_sampling, "sigmas", None)
+    if sigmas is None or sigmas.numel() < 2:
+        raise FewStepInputError(
+            f"model: {type(model_sampling).__name__} has no discrete σ table; FewStep families are "
+            "SD1.5/SDXL-family models (discrete 1000-step schedule). Load one of those."
+        )
+    return DiscreteNoiseSchedule(sigmas)
+
+
+def validation_message(check) -> bool | str:
+    """Run a pure-layer check for validate_inputs: True, or the message ComfyUI shows the user."""
+    try:
+        check()
+    except FewStepInputError as error:
+        return str(error)
+    return True
+
+
+class FewStepScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FewStepScheduler",
+            display_name="Few-Step Scheduler (LCM, Turbo, Lightning, Hyper-SD, TCD, DMD2)",
+            category="sampling/few-step",
+            description=(
+                "The σ schedule a few-step model's card samples with, from the diffusers scheduler "
+                "it names. Use with Few-Step Sampler in SamplerCustom."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample; its own σ table turns timesteps into σ."),
+                family_input(),
+                io.Int.Input(
+                    "steps", default=4, min=1, max=50,
+                    tooltip="Sampling steps. The cards: LCM/TCD/DMD2/Lightning 4, Turbo 1, Hyper-SD 1–8.",
+                ),
+                io.Float.Input(
+                    "denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                    tooltip=(
+                        "1.0 for text-to-image. Below 1 (img2img): LCM/TCD keep `steps` steps inside the "
+                        "window, as diffusers' LCM img2img does; Turbo/Lightning/Hyper-SD/DMD2 run the last "
+                        "int(steps × denoise) steps, as their img2img pipelines do (so steps × denoise ≥ 1)."
+                    ),
+                ),
+                io.String.Input(
+                    "timesteps", default="", optional=True,
+                    tooltip=(
+                        "Explicit timesteps, e.g. '999, 759, 499, 259', as the cards' timesteps=[…]; "
+                        "empty uses the family's schedule."
+                    ),
+                ),
+                io.Int.Input(
+                    "original_inference_steps", default=LCM_ORIGINAL_INFERENCE_STEPS, min=1, max=1000,
+                    optional=True,
+                    tooltip="LCM/TCD only: the distillation grid the steps are picked from (reference 50).",
+                ),
+                settings_input(),
+            ],
+            outputs=[io.Sigmas.Output(tooltip="σ for each timestep, then 0.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, family=None, steps=None, denoise=None, timesteps=None,
+                        original_inference_steps=None) -> bool | str:
+        # Linked inputs arrive as None: only constants are checked before running.
+        def check():
+            if family is not None:
+                get_family(family)
+            if family is not None and steps is not None and denoise is not None:
+                reference_timesteps(
+                    family, steps, denoise, parse_timesteps(timesteps or ""),
+                    original_inference_steps or LCM_ORIGINAL_INFERENCE_STEPS,
+                )
+        return validation_message(check)
+
+    @classmethod
+    def execute(cls, model, family, steps, denoise, timesteps="",
+                original_inference_steps=LCM_ORIGINAL_INFERENCE_STEPS, settings=None) -> io.NodeOutput:
+        chosen = resolve_family(family, settings)
+        timestep_list = reference_timesteps(
+            chosen.name, steps, denoise, parse_timesteps(timesteps or ""), original_inference_steps
+        )
+        return io.NodeOutput(model_noise_schedule(model).sigmas_for(timestep_list))
+
+
+class FewStepKSAMPLER(comfy.samplers.KSAMPLER):
+    """ComfyUI's KSAMPLER with the family's initial-noise rule.
+
+    KSAMPLER scales the first noise by sqrt(1 + σ₀²) only when σ₀ is the model's σ_max; the families'
+    pipelines decide by text-to-image vs img2img instead (update_rules.starts_from_unit_variance).
+    """
+
+    def __init__(self, family: Family, eta: float | None):
+        self.family = family
+        self._unit_variance = False
+        super().__init__(self._sample_function, extra_options={"eta": eta})
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
+               denoise_mask=None, disable_pbar=False):
+        empty = noise.new_zeros(()) if latent_image is None else latent_image
+        self._unit_variance = update_rules.starts_from_unit_variance(self.family.initial_noise, empty)
+        return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image,
+                              denoise_mask, disable_pbar)
+
+    def max_denoise(self, model_wrap, sigmas):
+        return self._unit_variance
+
+    def _sample_function(self, model, x, sigmas, extra_args=None, callback=None, disable=None, eta=None):
+        extra_args = {} if extra_args is None else extra_args
+        schedule = DiscreteNoiseSchedule(model.inner_model.inner_model.model_sampling.sigmas)
+        noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed"))
+
+        def denoise(x, sigma):
+            return model(x, sigma, **extra_args)
+
+        def report(i, x, denoised, sigma):
+            if callback is not None:
+                callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+
+        return update_rules.sample(
+            self.family.update_rule, denoise, x, sigmas, schedule,
+            noise=lambda: noise_sampler(None, None), eta=eta, callback=report,
+        )
+
+
+class FewStepSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FewStepSampler",
+            display_name="Few-Step Sampler (LCM, Turbo, Lightning, Hyper-SD, TCD, DMD2)",
+            category="sampling/few-step",
+            description=(
+                "The family's update rule as its diffusers scheduler steps it (LCM's boundary "
+                "condition, TCD's gamma, Euler ancestral, …). Use with Few-Step Scheduler in SamplerCustom."
+            ),
+            inputs=[
+                family_input(),
+                io.Float.Input(
+                    "eta", default=ETA_FROM_FAMILY, min=-1.0, max=1.0, step=0.05, optional=True,
+                    tooltip=(
+                        "TCD's gamma (stochasticity); -1 uses the family's reference: 0.3 for tcd, "
+                        "1.0 for hyper_sd_1step. Other families ignore it."
+                    ),
+                ),
+                settings_input(),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, family=None) -> bool | str:
+        return validation_message(lambda: family is None or get_family(family))
+
+    @classmethod
+    def execute(cls, family, eta=ETA_FROM_FAMILY, settings=None) -> io.NodeOutput:
+        chosen = resolve_family(family, settings)
+        if eta is None or eta < 0:
+            eta = settings.eta if settings is not None and settings.eta is not None else chosen.default_eta
+        return io.NodeOutput(FewStepKSAMPLER(chosen, eta))
+
+
+SAMPLING_NODES = [FewStepScheduler, FewStepSampler]
