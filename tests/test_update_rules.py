@@ -10,7 +10,8 @@ import torch
 
 from comfyui_fewstep.fewstep import update_rules
 from comfyui_fewstep.fewstep.families import FAMILIES, get_family
-from comfyui_fewstep.fewstep.schedules import DiscreteNoiseSchedule, reference_scheduler, reference_timesteps
+from comfyui_fewstep.fewstep.schedules import DiscreteNoiseSchedule, reference_timesteps
+from diffusers_reference import reference_sample
 
 SHAPE = (1, 4, 8, 8)
 SEED = 1234
@@ -20,43 +21,6 @@ MIXING = torch.randn(4, 4, generator=torch.Generator().manual_seed(7))
 def epsilon_model(sample: torch.Tensor, timestep) -> torch.Tensor:
     mixed = torch.einsum("ij,bjhw->bihw", MIXING, sample) / 2
     return torch.tanh(mixed + float(timestep) / 1000.0)
-
-
-def diffusers_reference(family_name, steps, denoise, noise, image_latent):
-    """The family's diffusers scheduler driven as its pipeline drives it (txt2img or img2img)."""
-    family = get_family(family_name)
-    scheduler = reference_scheduler(family)
-    published = family.published_timesteps.get(steps)
-    if family.timestep_rule == "lcm":
-        kwargs = {"timesteps": list(published)} if published else {"num_inference_steps": steps}
-        scheduler.set_timesteps(strength=denoise, **kwargs)
-        timesteps, begin = scheduler.timesteps, 0
-    else:
-        if published:
-            scheduler.set_timesteps(timesteps=list(published))
-        elif "timestep_spacing" in family.scheduler_overrides:
-            scheduler.set_timesteps(steps)
-        else:
-            # DMD2 beyond its published counts: LCMScheduler at the trailing timesteps, taken
-            # here from Euler's trailing spacing.
-            euler = reference_scheduler(get_family("lightning"))
-            euler.set_timesteps(steps)
-            scheduler.set_timesteps(timesteps=[int(round(float(t))) for t in euler.timesteps])
-        # StableDiffusion(XL)Img2ImgPipeline.get_timesteps
-        begin = steps - min(int(steps * denoise), steps)
-        timesteps = scheduler.timesteps[begin:]
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(begin)
-    if image_latent is None:
-        latents = noise * scheduler.init_noise_sigma
-    else:
-        latents = scheduler.add_noise(image_latent, noise, timesteps[:1])
-    generator = torch.Generator().manual_seed(SEED + 1)
-    eta = {"eta": family.default_eta} if family.update_rule == "tcd" else {}
-    for t in timesteps:
-        model_input = scheduler.scale_model_input(latents, t)
-        latents = scheduler.step(epsilon_model(model_input, t), t, latents, generator=generator, **eta).prev_sample
-    return [int(round(float(t))) for t in timesteps], latents
 
 
 def ours(family_name, steps, denoise, noise, image_latent):
@@ -95,7 +59,9 @@ CASES = [
 def test_rule_matches_diffusers_scheduler(family_name, steps, denoise):
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(SEED))
     image_latent = None if denoise == 1.0 else torch.randn(SHAPE, generator=torch.Generator().manual_seed(99))
-    expected_timesteps, expected = diffusers_reference(family_name, steps, denoise, noise, image_latent)
+    expected_timesteps, expected = reference_sample(
+        family_name, steps, denoise, epsilon_model, noise, image_latent, step_seed=SEED + 1
+    )
     timesteps, result = ours(family_name, steps, denoise, noise, image_latent)
     assert timesteps == expected_timesteps
     # fp32 σ tables differ from diffusers' in the last bits; the rules themselves are exact.
