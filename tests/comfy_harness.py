@@ -112,6 +112,15 @@ class InProcessComfy:
     def output_dir(self) -> Path:
         return Path(self.folder_paths.get_output_directory())
 
+    def _executor(self):
+        # One executor with ComfyUI's default (classic) cache, as the server keeps: unchanged nodes
+        # (checkpoint loading, text encoding) are not re-run between a test's prompts.
+        if getattr(self, "_prompt_executor", None) is None:
+            self._prompt_executor = self.execution.PromptExecutor(
+                _StandInServer(), cache_type=self.execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
+            )
+        return self._prompt_executor
+
     def validate(self, prompt: dict) -> tuple[bool, dict | None, dict]:
         valid, error, _outputs, node_errors = asyncio.run(
             self.execution.validate_prompt(str(uuid.uuid4()), prompt, None)
@@ -125,10 +134,7 @@ class InProcessComfy:
         )
         if not valid:
             raise PromptFailed("validation", {"error": error, "node_errors": node_errors})
-        server = _StandInServer()
-        executor = self.execution.PromptExecutor(
-            server, cache_type=self.execution.CacheType.NONE, cache_args={"lru": 0, "ram": 0}
-        )
+        executor = self._executor()
         executor.execute(prompt, str(uuid.uuid4()), {}, outputs)
         if not executor.success:
             errors = [data for event, data in executor.status_messages if event == "execution_error"]
