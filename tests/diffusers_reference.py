@@ -14,6 +14,8 @@ import torch
 from comfyui_fewstep.fewstep.families import get_family
 from comfyui_fewstep.fewstep.schedules import reference_scheduler
 
+IMAGE_SIZE = 64  # an 8×8 latent for the tiny models: the sampling maths does not depend on size
+
 EpsilonFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model input, t) → ε
 
 
@@ -62,3 +64,55 @@ def reference_sample(family_name: str, steps: int, denoise: float, epsilon: Epsi
             latents = scheduler.step(epsilon(model_input, t), t, latents, generator=generator,
                                      **step_kwargs).prev_sample
     return [int(round(float(t))) for t in timesteps], latents
+
+
+class DiffusersSide:
+    """The tiny model's diffusers copy: text encoding and an ε-function with CFG, as the pipelines."""
+
+    def __init__(self, tiny):
+        from diffusers import AutoPipelineForText2Image
+
+        self.tiny = tiny
+        self.pipe = AutoPipelineForText2Image.from_pretrained(str(tiny.diffusers_dir), torch_dtype=torch.float32)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def epsilon_fn(self, prompt: str, negative: str, cfg: float):
+        do_cfg = cfg > 1.0
+        sdxl = self.tiny.base == "sdxl"
+        with torch.no_grad():
+            encoded = self.pipe.encode_prompt(
+                prompt=prompt, device="cpu", num_images_per_prompt=1,
+                do_classifier_free_guidance=do_cfg, negative_prompt=negative if do_cfg else None,
+                **({"prompt_2": None} if sdxl else {}),
+            )
+        cond, uncond = encoded[0], encoded[1]
+        extra, extra_uncond = {}, {}
+        if sdxl:
+            pooled, pooled_uncond = encoded[2], encoded[3]
+            time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
+            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+            if do_cfg:
+                extra_uncond = {"added_cond_kwargs": {"text_embeds": pooled_uncond, "time_ids": time_ids}}
+        unet = self.pipe.unet
+
+        def epsilon(model_input, t):
+            eps = unet(model_input, t, encoder_hidden_states=cond, **extra).sample
+            if not do_cfg:
+                return eps
+            eps_uncond = unet(model_input, t, encoder_hidden_states=uncond, **extra_uncond).sample
+            return eps_uncond + cfg * (eps - eps_uncond)
+
+        return epsilon
+
+    def sample(self, family: str, steps: int, denoise: float, prompt: str, seed: int, cfg: float = 1.0,
+               negative: str = "", image_latent: torch.Tensor | None = None):
+        """(timesteps, final latent in diffusers units) from ComfyUI's noise for `seed`.
+
+        `image_latent` is in ComfyUI units (as LoadLatent gives it), scaled here as ComfyUI does.
+        """
+        latent_size = IMAGE_SIZE // 8
+        # comfy.sample.prepare_noise: a CPU generator seeded with the seed.
+        noise = torch.randn((1, 4, latent_size, latent_size), generator=torch.manual_seed(seed))
+        image = None if image_latent is None else image_latent * self.tiny.latent_scale
+        return reference_sample(family, steps, denoise, self.epsilon_fn(prompt, negative, cfg), noise, image,
+                                step_seed=seed + 1)
