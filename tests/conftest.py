@@ -65,3 +65,13 @@ def sdxl(comfy):
     import tiny_models
 
     return tiny_models.build_sdxl(comfy.models_dir)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """A real ComfyUI server (`main.py --cpu` on 127.0.0.1) shared by the session's tests."""
+    from comfy_harness import ComfyServer
+
+    path = require_comfyui()
+    with ComfyServer(path, tmp_path_factory.mktemp("server_base")) as server:
+        yield server
