@@ -93,6 +93,8 @@ class InProcessComfy:
         args.cpu = True  # before comfy.model_management is imported, or it picks CUDA
         args.base_directory = str(self.base_directory)  # before folder_paths is imported
         args.disable_metadata = True
+        # ComfyUI stores text encoders in fp16 even on CPU; the fp32 diffusers comparisons need fp32.
+        args.fp32_text_enc = True
         import utils.install_util  # noqa: F401 — before `nodes` puts comfy/ (and comfy/utils.py) first
         import execution
         import nodes
