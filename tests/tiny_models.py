@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-VERSION = "v1"
+VERSION = "v2"
 SEED = 20261122
 
 
@@ -86,6 +86,17 @@ def vae_to_ldm(vae_state_dict: dict) -> dict:
     return comfy.diffusers_convert.convert_vae_state_dict(vae_state_dict)
 
 
+def clip_checkpoint_keys(text_encoder) -> dict:
+    """The text encoder's weights under the HF key names checkpoints publish ("text_model.…"),
+    which transformers ≥ 5 drops from state_dict()."""
+    published = {}
+    for key, value in text_encoder.state_dict().items():
+        if key.startswith(("embeddings.", "encoder.", "final_layer_norm.")):
+            key = f"text_model.{key}"
+        published[key] = value
+    return published
+
+
 def _link(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() or target.is_symlink():
@@ -93,51 +104,138 @@ def _link(source: Path, target: Path) -> None:
     target.symlink_to(source)
 
 
-def build_sd15(models_dir: Path) -> TinyModel:
-    from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def make_vae(scaling_factor: float, generator: torch.Generator):
+    """The SD/SDXL VAE architecture (they share it; only the latent scale differs)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32, sample_size=512, scaling_factor=scaling_factor,
+    )
+    perturb_(vae, generator)
+    return vae
+
+
+def reference_scheduler():
+    from diffusers import LCMScheduler
+
+    return LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+
+
+def _save_comfy_files(unet_ldm: dict, clip_and_vae: dict, unet_file: Path, checkpoint_file: Path) -> None:
     from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in unet_ldm.items()}, str(unet_file))
+    checkpoint = {f"model.diffusion_model.{k}": v for k, v in unet_ldm.items()}
+    checkpoint.update(clip_and_vae)
+    save_file({k: v.contiguous() for k, v in checkpoint.items()}, str(checkpoint_file))
+
+
+def _built(folder: Path, *files: Path) -> bool:
+    return all(f.exists() for f in files) and (folder / "diffusers" / "model_index.json").exists()
+
+
+def build_sd15(models_dir: Path) -> TinyModel:
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = cache_dir() / "sd15"
     unet_file, checkpoint_file = folder / "tiny_sd15_unet.safetensors", folder / "tiny_sd15.safetensors"
-    diffusers_dir = folder / "diffusers"
-    if not (unet_file.exists() and checkpoint_file.exists() and (diffusers_dir / "model_index.json").exists()):
+    if not _built(folder, unet_file, checkpoint_file):
         folder.mkdir(parents=True, exist_ok=True)
         generator = torch.Generator().manual_seed(SEED)
         torch.manual_seed(SEED)
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
         perturb_(unet, generator)
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(
-            str(Path(comfyui_tokenizer_dir()).parent / "sd1_clip_config.json")))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(str(comfyui_tokenizer_dir().parent / "sd1_clip_config.json")))
         perturb_(text_encoder, generator)
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
-        )
-        perturb_(vae, generator)
+        vae = make_vae(0.18215, generator)
         tokenizer = CLIPTokenizer.from_pretrained(str(comfyui_tokenizer_dir()), model_max_length=77)
 
-        unet_ldm = unet_to_ldm(unet.state_dict(), SD15_LDM_CONFIG)
-        save_file({k: v.contiguous() for k, v in unet_ldm.items()}, str(unet_file))
-        checkpoint = {f"model.diffusion_model.{k}": v for k, v in unet_ldm.items()}
-        checkpoint.update({f"cond_stage_model.transformer.{k}": v for k, v in text_encoder.state_dict().items()})
-        checkpoint.update({f"first_stage_model.{k}": v for k, v in vae_to_ldm(vae.state_dict()).items()})
-        save_file({k: v.contiguous() for k, v in checkpoint.items()}, str(checkpoint_file))
-
-        scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                 set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+        clip_and_vae = {f"cond_stage_model.transformer.{k}": v for k, v in clip_checkpoint_keys(text_encoder).items()}
+        clip_and_vae.update({f"first_stage_model.{k}": v for k, v in vae_to_ldm(vae.state_dict()).items()})
+        _save_comfy_files(unet_to_ldm(unet.state_dict(), SD15_LDM_CONFIG), clip_and_vae, unet_file, checkpoint_file)
         StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=reference_scheduler(),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        ).save_pretrained(str(diffusers_dir), safe_serialization=True)
+        ).save_pretrained(str(folder / "diffusers"), safe_serialization=True)
 
     _link(unet_file, models_dir / "diffusion_models" / unet_file.name)
     _link(checkpoint_file, models_dir / "checkpoints" / checkpoint_file.name)
-    return TinyModel("sd15", unet_file.name, checkpoint_file.name, diffusers_dir, 0.18215)
+    return TinyModel("sd15", unet_file.name, checkpoint_file.name, folder / "diffusers", 0.18215)
+
+
+# An SDXL-family UNet: ComfyUI matches SDXL-family models on model_channels 320, linear transformer
+# projections, context_dim 2048, adm_in_channels 2816 and transformer_depth, not on channel_mult or
+# res blocks per level. KOALA-700M's transformer_depth [0, 2, 5] with one res block per level at 320
+# channels throughout is detected as KOALA_700M (an SDXL subclass: SDXL's ADM, latent format and
+# CLIP-L + CLIP-G) at ~1/20 of SDXL's size.
+SDXL_UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 320, 320),
+    layers_per_block=1,
+    transformer_layers_per_block=(1, 2, 5),
+    attention_head_dim=5,  # diffusers' name for the head count: 320 / 64, as SDXL's 64-wide heads
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_LDM_CONFIG = dict(
+    num_res_blocks=[1, 1, 1],
+    channel_mult=[1, 1, 1],
+    transformer_depth=[0, 2, 5],
+    transformer_depth_output=[0, 0, 2, 2, 5, 5],
+    transformer_depth_middle=5,
+)
 
 
 def build_sdxl(models_dir: Path) -> TinyModel:
-    import pytest
+    """The SDXL-family UNet above with the real CLIP-L and full-size CLIP-G text encoders and the VAE.
 
-    pytest.skip("tiny SDXL-family model not built yet")
+    CLIP-G must be full size (ComfyUI builds it from a fixed config); its weights are stored in fp16
+    to halve the files, and both sides upcast the same fp16 values to fp32.
+    """
+    import comfy.supported_models
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = cache_dir() / "sdxl"
+    unet_file, checkpoint_file = folder / "tiny_sdxl_unet.safetensors", folder / "tiny_sdxl.safetensors"
+    if not _built(folder, unet_file, checkpoint_file):
+        folder.mkdir(parents=True, exist_ok=True)
+        generator = torch.Generator().manual_seed(SEED + 1)
+        torch.manual_seed(SEED + 1)
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        perturb_(unet, generator)
+        configs = comfyui_tokenizer_dir().parent
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(str(configs / "sd1_clip_config.json")))
+        perturb_(text_encoder, generator)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(str(configs / "clip_config_bigg.json")))
+        perturb_(text_encoder_2, generator)
+        text_encoder.half().float()  # round to fp16 values, as stored
+        text_encoder_2.half()
+        vae = make_vae(0.13025, generator)
+        tokenizer = CLIPTokenizer.from_pretrained(str(comfyui_tokenizer_dir()), model_max_length=77)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(str(comfyui_tokenizer_dir()), model_max_length=77, pad_token="!")
+
+        clip = {f"clip_l.transformer.{k}": v.half() for k, v in clip_checkpoint_keys(text_encoder).items()}
+        clip.update({f"clip_g.transformer.{k}": v for k, v in clip_checkpoint_keys(text_encoder_2).items()})
+        clip_and_vae = comfy.supported_models.SDXL.process_clip_state_dict_for_saving(None, clip)
+        clip_and_vae.update({f"first_stage_model.{k}": v for k, v in vae_to_ldm(vae.state_dict()).items()})
+        _save_comfy_files(unet_to_ldm(unet.state_dict(), SDXL_LDM_CONFIG), clip_and_vae, unet_file, checkpoint_file)
+        StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder.half(), text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=reference_scheduler(),
+        ).save_pretrained(str(folder / "diffusers"), safe_serialization=True)
+
+    _link(unet_file, models_dir / "diffusion_models" / unet_file.name)
+    _link(checkpoint_file, models_dir / "checkpoints" / checkpoint_file.name)
+    return TinyModel("sdxl", unet_file.name, checkpoint_file.name, folder / "diffusers", 0.13025)
