@@ -3,10 +3,11 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .loaders import LOADER_NODES
 from .sampling import SAMPLING_NODES
 
 
 class FewStepExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*SAMPLING_NODES]
+        return [*SAMPLING_NODES, *LOADER_NODES]

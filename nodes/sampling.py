@@ -128,8 +128,13 @@ class FewStepScheduler(io.ComfyNode):
         timestep_list = reference_timesteps(
             chosen.name, steps, denoise, parse_timesteps(timesteps or ""), original_inference_steps
         )
-        schedule = noise_schedule_of(model.get_model_object("model_sampling"))
-        return io.NodeOutput(schedule.sigmas_for(timestep_list))
+        model_sampling = model.get_model_object("model_sampling")
+        if isinstance(model_sampling, comfy.model_sampling.X0) and chosen.update_rule not in ("euler", "euler_ancestral"):
+            raise FewStepInputError(
+                f"family: {chosen.name} with a model that predicts x0 (the 1-step SDXL-Lightning UNet); "
+                "that UNet was distilled for Euler sampling — set family to lightning."
+            )
+        return io.NodeOutput(noise_schedule_of(model_sampling).sigmas_for(timestep_list))
 
 
 class FewStepKSAMPLER(comfy.samplers.KSAMPLER):

@@ -1,0 +1,183 @@
+"""FewStepLoraLoader and FewStepUNetLoader: load published few-step files, detect their family.
+
+Thin glue: layouts and detection live in fewstep.lora_layouts and fewstep.detection; patching is
+ComfyUI's own (comfy.lora key maps, ModelPatcher.add_patches, ModelSamplingDiscrete's x0 patch).
+"""
+from __future__ import annotations
+
+import logging
+
+import comfy.lora
+import comfy.sd
+import comfy.supported_models
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..fewstep.detection import detect_settings
+from ..fewstep.families import FAMILY_NAMES, FewStepInputError, FewStepSettings, get_family
+from ..fewstep.lora_layouts import canonicalize, lora_base, read_safetensors
+from .types import FewStepSettingsType
+
+DETECT = "detect"
+FEW_STEP_LORAS = "fewstep_loras"  # model_options entry: the few-step LoRAs already on this model
+log = logging.getLogger("ComfyUI-FewStep")
+
+FAMILY_OVERRIDE_TOOLTIP = (
+    "'detect' reads the family from the file's metadata and published name; pick a family to override "
+    "a renamed or unknown file."
+)
+
+
+def model_base(model) -> str:
+    config = model.model.model_config
+    if isinstance(config, comfy.supported_models.SDXL):
+        return "sdxl"
+    if isinstance(config, comfy.supported_models.SD15):
+        return "sd15"
+    return type(config).__name__
+
+
+def _in_file(input_name: str, file_name: str, error: FewStepInputError) -> FewStepInputError:
+    return FewStepInputError(f"{input_name}: {file_name}: {error}".replace(f"{file_name}: {file_name}:", f"{file_name}:"))
+
+
+def resolve_settings(family_override: str, file_name: str, metadata: dict) -> FewStepSettings:
+    if family_override and family_override != DETECT:
+        family = get_family(family_override)
+        return FewStepSettings(family.name, family.default_steps, family.default_cfg, family.default_eta,
+                               file_name, "family chosen on the loader")
+    return detect_settings(file_name, metadata)
+
+
+class FewStepLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FewStepLoraLoader",
+            display_name="Few-Step LoRA Loader (LCM, Lightning, Hyper-SD, TCD, DMD2)",
+            category="loaders/few-step",
+            description=(
+                "Applies a few-step LoRA in any published layout (kohya, diffusers, PEFT, ComfyUI) with "
+                "every key matched, and outputs the family and settings its model card gives."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.5- or SDXL-family model the LoRA was trained on."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Connect to apply the LoRA's text-encoder part (LCM-LoRA has none; some style LoRAs do)."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="A .safetensors LoRA in ComfyUI's loras folder; pickles (.ckpt/.pt) are refused."),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="LoRA scale on the UNet; the cards use 1.0 for few-step LoRAs."),
+                io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="LoRA scale on the text encoders (when the file has that part)."),
+                io.Combo.Input("family", options=[DETECT, *FAMILY_NAMES], default=DETECT, tooltip=FAMILY_OVERRIDE_TOOLTIP),
+            ],
+            outputs=[
+                io.Model.Output(),
+                io.Clip.Output(),
+                FewStepSettingsType.Output(display_name="settings",
+                                           tooltip="The detected family and settings, for the FewStep scheduler and samplers."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength_model, strength_clip, family=DETECT, clip=None) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        try:
+            tensors, metadata = read_safetensors(path)
+            canonical = canonicalize(tensors)
+        except FewStepInputError as error:
+            raise _in_file("lora_name", lora_name, error) from None
+
+        base, expected = lora_base(tensors), model_base(model)
+        if base is not None and expected in ("sd15", "sdxl") and base != expected:
+            names = {"sd15": "SD1.5", "sdxl": "SDXL"}
+            raise FewStepInputError(
+                f"lora_name: {lora_name} is an {names[base]} LoRA but the model is {names[expected]}-family; "
+                f"use the {names[expected]} release of this LoRA or load an {names[base]} checkpoint."
+            )
+
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        if clip is not None:
+            key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+        modules = canonical.modules
+        text_modules = {m for m in modules if m.startswith(("lora_te", "text_encoders."))}
+        considered = modules if clip is not None else modules - text_modules
+        unmatched = sorted(m for m in considered if m not in key_map)
+        if unmatched or canonical.unrecognized:
+            sample = ", ".join((unmatched + canonical.unrecognized)[:5])
+            raise FewStepInputError(
+                f"lora_name: {lora_name} ({canonical.layout} layout): {len(unmatched)} LoRA modules match no "
+                f"weight of this {expected} model and {len(canonical.unrecognized)} keys are no LoRA weight "
+                f"(e.g. {sample}); applying it in part would give subtly wrong images. Check that it is "
+                "a LoRA for this base model."
+            )
+
+        patches = comfy.lora.load_lora(canonical.tensors, key_map, log_missing=False)
+        new_model = model.clone()
+        new_model.add_patches(patches, strength_model)
+        new_clip = None
+        if clip is not None:
+            new_clip = clip.clone()
+            new_clip.add_patches(patches, strength_clip)
+
+        settings = resolve_settings(family, lora_name, metadata)
+        lines = [settings.summary(), f"{len(modules)} LoRA modules applied ({canonical.layout} layout)"]
+        if text_modules and clip is None:
+            lines.append(f"{len(text_modules)} text-encoder modules not applied: connect a CLIP to apply them")
+        if settings.family is not None:
+            earlier = new_model.model_options.get(FEW_STEP_LORAS, [])
+            if earlier:
+                warning = (f"warning: {lora_name} is stacked on another few-step LoRA ({', '.join(earlier)}); "
+                           "two distillations rarely combine well — keep one, or lower their strengths.")
+                log.warning(warning)
+                lines.append(warning)
+            new_model.model_options[FEW_STEP_LORAS] = [*earlier, lora_name]
+        return io.NodeOutput(new_model, new_clip, settings, ui=ui.PreviewText("\n".join(lines)))
+
+
+class FewStepUNetLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FewStepUNetLoader",
+            display_name="Few-Step UNet Loader (Lightning, Hyper-SD, DMD2)",
+            category="loaders/few-step",
+            description=(
+                "Loads a distilled SD1.5/SDXL UNet (diffusers or ComfyUI layout) with the prediction type its "
+                "card uses — x0 for the 1-step SDXL-Lightning UNet — and outputs its family and settings."
+            ),
+            inputs=[
+                io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
+                               tooltip="A .safetensors UNet in ComfyUI's diffusion_models (unet) folder; pickles are refused."),
+                io.Combo.Input("family", options=[DETECT, *FAMILY_NAMES], default=DETECT, tooltip=FAMILY_OVERRIDE_TOOLTIP),
+            ],
+            outputs=[
+                io.Model.Output(),
+                FewStepSettingsType.Output(display_name="settings",
+                                           tooltip="The detected family and settings, for the FewStep scheduler and samplers."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, unet_name, family=DETECT) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        try:
+            state_dict, metadata = read_safetensors(path)
+        except FewStepInputError as error:
+            raise _in_file("unet_name", unet_name, error) from None
+        model = comfy.sd.load_diffusion_model_state_dict(state_dict)
+        if model is None:
+            raise FewStepInputError(
+                f"unet_name: {unet_name} is not a UNet ComfyUI recognises (SD1.5/SDXL family, ComfyUI or "
+                "diffusers layout); for a LoRA use Few-Step LoRA Loader, for a full checkpoint a checkpoint loader."
+            )
+        settings = resolve_settings(family, unet_name, metadata)
+        if settings.prediction_type == "sample":
+            import comfy_extras.nodes_model_advanced as advanced
+
+            (model,) = advanced.ModelSamplingDiscrete().patch(model, "x0", False)
+        return io.NodeOutput(model, settings, ui=ui.PreviewText(settings.summary()))
+
+
+LOADER_NODES = [FewStepLoraLoader, FewStepUNetLoader]
