@@ -217,3 +217,28 @@ def test_unet_loader_detects_x0_lightning_and_refuses_lcm_with_it(comfy, sdxl):
     with pytest.raises(PromptFailed) as failure:
         comfy.run(prompt)
     assert "predicts x0" in failure.value.message and "set family to lightning" in failure.value.message
+
+
+def test_graph_with_lora_reproduces_diffusers_pipeline_with_lora(comfy, sd15):
+    from diffusers_reference import DiffusersSide
+    from graphs import PROMPT, SEED, sampling_prompt
+
+    folder = comfy.models_dir / "loras"
+    name = lora_factory.save(lora_factory.to_kohya(lora_factory.peft_lora(sd15, RANK, seed=21), alpha=RANK / 2),
+                             folder, "lcm-lora-sdv1-5.safetensors")
+    prompt = sampling_prompt(sd15, "lcm", 4, 1.0)
+    prompt["lora"] = {"class_type": "FewStepLoraLoader", "inputs": {
+        "model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": name, "strength_model": 1.0,
+        "strength_clip": 1.0, "family": "detect"}}
+    for node in prompt.values():
+        for input_name, value in node["inputs"].items():
+            if value in (["ckpt", 0], ["ckpt", 1]) and node is not prompt["lora"]:
+                node["inputs"][input_name] = ["lora", value[1]]
+    prompt["sampler"]["inputs"]["settings"] = ["lora", 2]
+    ours = comfy.run(prompt).latent("save") * sd15.latent_scale
+
+    reference = DiffusersSide(sd15)
+    reference.pipe.load_lora_weights(str(folder), weight_name=name)
+    reference.pipe.fuse_lora(lora_scale=1.0)
+    _, expected = reference.sample("lcm", 4, 1.0, PROMPT, SEED)
+    assert (ours - expected).abs().max().item() <= 1e-3
