@@ -282,6 +282,7 @@ class ComfyServer:
                             continue
                         if event["type"] == "execution_error":
                             raise PromptFailed("execution", data)
-                        if event["type"] in ("execution_success", "execution_interrupted"):
+                        # main.py's worker stores the history, then says `executing` with node None.
+                        if event["type"] == "executing" and data.get("node") is None:
                             break
         return self.get(f"/history/{prompt_id}")[prompt_id]
