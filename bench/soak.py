@@ -145,6 +145,7 @@ class SoakReport:
     leftover_files: list[str] = field(default_factory=list)
     saved_images: int = 0
     wall_seconds: float = 0.0
+    timed_out: bool = False
 
     @property
     def completed(self) -> int:
@@ -180,6 +181,9 @@ class SoakReport:
     def summary(self) -> str:
         mib = 2**20
         latencies = sorted(o.seconds for o in self.outcomes)
+        if not latencies or len(self.rss_samples) <= self.warmup:
+            return f"only {len(self.outcomes)} of {self.prompts} prompts answered" + (
+                " before the timeout" if self.timed_out else "")
         lines = [
             f"prompts: {self.completed}/{self.prompts} completed from {self.clients} concurrent clients "
             f"in {self.wall_seconds:.1f} s (median {latencies[len(latencies) // 2]:.2f} s per prompt, "
@@ -188,6 +192,7 @@ class SoakReport:
             f"{self.rss_after_warmup / mib:.1f} MiB, end {self.rss_end / mib:.1f} MiB "
             f"(+{(self.rss_end - self.rss_after_warmup) / mib:.1f} MiB after warm-up); "
             f"slope after warm-up {self.slope_mib_per_100:+.2f} MiB per 100 prompts",
+            *(["TIMED OUT before every prompt was answered"] if self.timed_out else []),
             f"saved images: {self.saved_images}; files left beyond them in temp/, output/ and the "
             f"server's TMPDIR: {len(self.leftover_files)}" + (f" {self.leftover_files[:10]}" if self.leftover_files else ""),
         ]
@@ -252,8 +257,11 @@ def run_soak(server, tiny, prompts: int = 500, clients: int = 4, warmup: int | N
     folders = [base / "temp", base / "output"] + ([tmpdir] if tmpdir else [])
     before = set().union(*(list_files(folder) for folder in folders))
     started = time.monotonic()
-    asyncio.run(_soak(server.url, server.process.pid, tiny, prompts, clients, timeout, report, route,
-                      forget_history))
+    try:
+        asyncio.run(_soak(server.url, server.process.pid, tiny, prompts, clients, timeout, report, route,
+                          forget_history))
+    except TimeoutError:
+        report.timed_out = True
     report.wall_seconds = time.monotonic() - started
     saved = expected_outputs(report.outcomes, base / "output")
     report.saved_images = sum(path.is_file() for path in saved)
