@@ -4,6 +4,7 @@ Thin glue: the maths is in fewstep.schedules and fewstep.update_rules.
 """
 from __future__ import annotations
 
+import comfy.model_sampling
 import comfy.samplers
 from comfy.k_diffusion.sampling import default_noise_sampler
 from comfy_api.latest import io
@@ -44,15 +45,14 @@ def resolve_family(family: str, settings: FewStepSettings | None) -> Family:
     return get_family(family)
 
 
-def model_noise_schedule(model) -> DiscreteNoiseSchedule:
-    model_sampling = model.get_model_object("model_sampling")
-    sigmas = getattr(model_sampling, "sigmas", None)
-    if sigmas is None or sigmas.numel() < 2:
+def noise_schedule_of(model_sampling) -> DiscreteNoiseSchedule:
+    """The model's own σ table; the families are distilled from SD1.5/SDXL's discrete 1000-step one."""
+    if not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
         raise FewStepInputError(
-            f"model: {type(model_sampling).__name__} has no discrete σ table; FewStep families are "
-            "SD1.5/SDXL-family models (discrete 1000-step schedule). Load one of those."
+            f"model: it samples with {type(model_sampling).__name__}, not the discrete DDPM schedule of "
+            "SD1.5/SDXL that few-step families are distilled from; load an SD1.5- or SDXL-family model."
         )
-    return DiscreteNoiseSchedule(sigmas)
+    return DiscreteNoiseSchedule(model_sampling.sigmas)
 
 
 def validation_message(check) -> bool | str:
@@ -128,7 +128,8 @@ class FewStepScheduler(io.ComfyNode):
         timestep_list = reference_timesteps(
             chosen.name, steps, denoise, parse_timesteps(timesteps or ""), original_inference_steps
         )
-        return io.NodeOutput(model_noise_schedule(model).sigmas_for(timestep_list))
+        schedule = noise_schedule_of(model.get_model_object("model_sampling"))
+        return io.NodeOutput(schedule.sigmas_for(timestep_list))
 
 
 class FewStepKSAMPLER(comfy.samplers.KSAMPLER):
@@ -155,7 +156,7 @@ class FewStepKSAMPLER(comfy.samplers.KSAMPLER):
 
     def _sample_function(self, model, x, sigmas, extra_args=None, callback=None, disable=None, eta=None):
         extra_args = {} if extra_args is None else extra_args
-        schedule = DiscreteNoiseSchedule(model.inner_model.inner_model.model_sampling.sigmas)
+        schedule = noise_schedule_of(model.inner_model.inner_model.model_sampling)
         noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed"))
 
         def denoise(x, sigma):

@@ -188,15 +188,15 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    """`python main.py --cpu` on 127.0.0.1 as a subprocess, with this pack loaded from base_directory."""
+    """`python main.py` (--cpu by default) on 127.0.0.1 as a subprocess, with this pack loaded from base_directory."""
 
     def __init__(self, comfyui_path: Path, base_directory: Path, extra_args: tuple[str, ...] = (),
-                 log_path: Path | None = None):
+                 log_path: Path | None = None, cpu: bool = True):
         self.comfyui_path = comfyui_path
         self.base_directory = make_base_directory(base_directory)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.extra_args = extra_args
+        self.extra_args = (("--cpu",) if cpu else ()) + tuple(extra_args)
         self.log_path = log_path or (self.base_directory / "server.log")
         self.process: subprocess.Popen | None = None
 
@@ -210,7 +210,7 @@ class ComfyServer:
     def start(self, timeout: float = 180.0) -> None:
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
              "--base-directory", str(self.base_directory), "--disable-auto-launch",
              *self.extra_args],
             cwd=self.comfyui_path, stdout=self._log, stderr=subprocess.STDOUT,

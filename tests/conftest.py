@@ -75,3 +75,11 @@ def comfy_server(tmp_path_factory):
     path = require_comfyui()
     with ComfyServer(path, tmp_path_factory.mktemp("server_base")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def server_sd15(comfy_server):
+    """The tiny SD1.5-family model in the shared server's models folders."""
+    import tiny_models
+
+    return tiny_models.build_sd15(comfy_server.base_directory / "models")

@@ -11,10 +11,20 @@ from typing import Callable
 
 import torch
 
-from comfyui_fewstep.fewstep.families import get_family
+from comfyui_fewstep.fewstep.families import FAMILIES, get_family
 from comfyui_fewstep.fewstep.schedules import reference_scheduler
 
 IMAGE_SIZE = 64  # an 8×8 latent for the tiny models: the sampling maths does not depend on size
+
+# The schedules issue's acceptance grid: every family × steps 1, 2, 4, 8 × denoise 1.0 and 0.5, where
+# steps · denoise ≥ 1 and the family was distilled for that many steps.
+ACCEPTANCE_GRID = [
+    (name, steps, denoise)
+    for name, family in FAMILIES.items()
+    for steps in (1, 2, 4, 8)
+    for denoise in (1.0, 0.5)
+    if steps * denoise >= 1 and (family.only_steps is None or steps in family.only_steps)
+]
 
 EpsilonFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model input, t) → ε
 

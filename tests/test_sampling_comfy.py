@@ -8,21 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from comfyui_fewstep.fewstep.families import FAMILIES
 from comfyui_fewstep.fewstep.schedules import reference_timesteps
-from diffusers_reference import DiffusersSide
+from diffusers_reference import ACCEPTANCE_GRID, DiffusersSide
 from graphs import PROMPT, SEED, image_latent, sampling_prompt
 
 NEGATIVE = "blurry, low quality"
 TOLERANCE = 1e-3  # the bound; fp32 CPU runs land near 1e-5
 
-GRID = [
-    (name, steps, denoise)
-    for name, family in FAMILIES.items()
-    for steps in (1, 2, 4, 8)
-    for denoise in (1.0, 0.5)
-    if steps * denoise >= 1 and (family.only_steps is None or steps in family.only_steps)
-]
 
 
 def compare(comfy, tiny, reference: DiffusersSide, family, steps, denoise, cfg=1.0, negative="", img2img=False):
@@ -41,7 +33,7 @@ def sd15_diffusers(sd15):
     return DiffusersSide(sd15)
 
 
-@pytest.mark.parametrize("family,steps,denoise", GRID)
+@pytest.mark.parametrize("family,steps,denoise", ACCEPTANCE_GRID)
 def test_family_matches_diffusers(comfy, sd15, sd15_diffusers, family, steps, denoise):
     compare(comfy, sd15, sd15_diffusers, family, steps, denoise, img2img=denoise < 1.0)
 

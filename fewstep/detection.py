@@ -1,0 +1,89 @@
+"""Which few-step family a LoRA or UNet file is, and the settings its model card gives.
+
+Few-step LoRAs have the same keys as any style LoRA, so the family is read from what names a file:
+its safetensors metadata (kohya's ss_output_name, modelspec.title, or FewStep's own fewstep.family),
+then its file name as published. A file none of them names is reported as not few-step, not guessed.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .families import FewStepSettings, get_family
+
+
+@dataclass(frozen=True)
+class NameRule:
+    pattern: str  # regex over the normalised name (lower case, '-' and ' ' as '_')
+    family: str
+    card: str
+
+    def settings(self, match: re.Match, name: str, source: str, reason: str) -> FewStepSettings:
+        steps = int(match.group("steps")) if "steps" in match.groupdict() and match.group("steps") else None
+        family = self.family
+        prediction_type = "epsilon"
+        cfg = None
+        if family == "hyper_sd" and steps == 1:
+            family = "hyper_sd_1step"  # the 1-step LoRA samples with TCD, eta 1.0 (Hyper-SD card)
+        if family == "lightning" and steps == 1 and "unet" in name:
+            prediction_type = "sample"  # the 1-step UNet predicts x0 (SDXL-Lightning card)
+        if "_cfg" in name:
+            cfg = 5.0  # Hyper-SD CFG LoRAs: guidance 5–8 with a negative prompt
+        definition = get_family(family)
+        return FewStepSettings(
+            family=family,
+            steps=steps or definition.default_steps,
+            cfg=cfg if cfg is not None else definition.default_cfg,
+            eta=definition.default_eta,
+            source=source,
+            reason=f"{reason} ({self.card})",
+            prediction_type=prediction_type,
+        )
+
+
+NAME_RULES = [
+    NameRule(r"lcm_lora|lcm_sdxl|lcm_sd(v1_5|15)|latent_consistency", "lcm", "LCM-LoRA card: 4 steps, guidance 1"),
+    NameRule(r"sdxl_lightning_(?P<steps>\d+)step", "lightning", "SDXL-Lightning card"),
+    NameRule(r"hyper_sdxl_1step_unet", "hyper_sd_1step_unet", "Hyper-SD card: LCM at t=800"),
+    NameRule(r"hyper_sd(xl|15)?_(?P<steps>\d+)steps?(_cfg)?_lora", "hyper_sd", "Hyper-SD card"),
+    NameRule(r"tcd_sd(xl|15)", "tcd", "TCD card: eta 0.3"),
+    NameRule(r"dmd2_sdxl_(?P<steps>\d+)step", "dmd2", "DMD2 card"),
+    NameRule(r"sd(_xl)?_?xl?_turbo|sdxl_turbo|sd_turbo", "turbo", "SDXL-Turbo card: 1 step"),
+]
+METADATA_NAME_KEYS = ("ss_output_name", "modelspec.title", "name")
+
+
+def normalise(name: str) -> str:
+    name = name.rsplit("/", 1)[-1].lower()
+    name = re.sub(r"\.(safetensors|ckpt|pt|pth|bin)$", "", name)
+    return re.sub(r"[-\s.]+", "_", name)
+
+
+def settings_from_name(name: str, source: str, reason: str) -> FewStepSettings | None:
+    normalised = normalise(name)
+    for rule in NAME_RULES:
+        match = re.search(rule.pattern, normalised)
+        if match:
+            return rule.settings(match, normalised, source, reason)
+    return None
+
+
+def detect_settings(file_name: str, metadata: dict | None = None) -> FewStepSettings:
+    """The file's family and reference settings; family None for a file nothing marks as few-step."""
+    metadata = metadata or {}
+    if metadata.get("fewstep.family"):
+        family = get_family(metadata["fewstep.family"])
+        steps = int(metadata.get("fewstep.steps") or family.default_steps)
+        return FewStepSettings(family.name, steps, family.default_cfg, family.default_eta, file_name,
+                               "metadata fewstep.family")
+    for key in METADATA_NAME_KEYS:
+        value = metadata.get(key)
+        if value:
+            found = settings_from_name(str(value), file_name, f"metadata {key} '{value}'")
+            if found:
+                return found
+    found = settings_from_name(file_name, file_name, "file name")
+    if found:
+        return found
+    return FewStepSettings(None, source=file_name,
+                           reason="neither its metadata nor its name marks it as a few-step model")

@@ -1,0 +1,173 @@
+"""LoRA files in the layouts people publish, read safely and renamed to one canonical layout.
+
+Canonical = kohya's names ("lora_unet_<diffusers module path with _>", "lora_te1_…", "lora_te2_…")
+with ".lora_down.weight" / ".lora_up.weight" / ".alpha", which ComfyUI's comfy.lora maps onto every
+SD1.5/SDXL weight. ComfyUI already reads kohya and its own layout; diffusers' PEFT keys
+("unet.….to_q.lora_A.weight"), PEFT's "base_model.model." prefix and the legacy attention-processor
+keys ("….processor.to_q_lora.down.weight") it maps only in part, so they are renamed here. Only names
+change: the tensors go to ComfyUI's own loader untouched.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .families import FewStepInputError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+# (suffix in the file, canonical role), longest first so ".lora.down.weight" beats ".down.weight".
+_SUFFIXES = [
+    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+    (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
+    ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"),
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (".alpha", "alpha"),
+]
+_CANONICAL_SUFFIX = {"down": ".lora_down.weight", "up": ".lora_up.weight", "alpha": ".alpha"}
+_UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in.", "conv_out.", "conv_norm_out.",
+               "time_embedding.", "add_embedding.")
+# diffusers' old attention-processor names in the CLIP text encoder → HF CLIP's.
+_TEXT_PROCESSOR_NAMES = {".to_q": ".q_proj", ".to_k": ".k_proj", ".to_v": ".v_proj", ".to_out": ".out_proj"}
+
+
+@dataclass
+class CanonicalLora:
+    tensors: dict  # canonical key → tensor
+    layout: str  # "kohya", "diffusers", "diffusers_legacy", "peft", "peft_base_model", "comfyui"
+    unrecognized: list[str] = field(default_factory=list)  # keys that are no LoRA weight at all
+    has_text_encoder: bool = False
+
+    @property
+    def modules(self) -> set[str]:
+        return {key.rsplit(".lora_", 1)[0].removesuffix(".alpha") for key in self.tensors}
+
+
+def read_safetensors(path: Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a .safetensors file; refuses pickles and says what is wrong with others."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    name = Path(path).name
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        raise FewStepInputError(
+            f"{name}: a pickle file ({Path(name).suffix}) can run code when opened, so FewStep does not "
+            "open it. Use the .safetensors release of this file, or convert it with a tool you trust."
+        )
+    if not Path(path).is_file():
+        raise FewStepInputError(f"{name}: file not found at {path}; put it in ComfyUI's models folder and refresh.")
+    try:
+        metadata = read_safetensors_metadata(path)
+        return load_file(str(path)), metadata
+    except (SafetensorError, ValueError, OSError, json.JSONDecodeError, struct.error) as error:
+        raise FewStepInputError(
+            f"{name}: not a readable .safetensors file ({error}); it may be truncated by an interrupted "
+            "download. Download it again."
+        ) from None
+
+
+def read_safetensors_metadata(path: Path) -> dict:
+    """The file's __metadata__ block, from its JSON header (no tensor is read)."""
+    with open(path, "rb") as handle:
+        header_size = struct.unpack("<Q", handle.read(8))[0]
+        if header_size > 100_000_000:
+            raise ValueError(f"header of {header_size} bytes")
+        header = json.loads(handle.read(header_size))
+    return header.get("__metadata__") or {}
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    for suffix, role in _SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+def detect_layout(keys) -> str | None:
+    keys = list(keys)
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+        return "kohya"
+    if any(k.startswith(("diffusion_model.", "text_encoders.")) for k in keys):
+        return "comfyui"
+    if any(k.startswith("base_model.model.") for k in keys):
+        return "peft_base_model"
+    if any(".processor." in k or "_lora.down." in k or ".lora_linear_layer." in k for k in keys):
+        return "diffusers_legacy"
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return "peft"
+    if any(".lora.down." in k for k in keys):
+        return "diffusers"
+    return None
+
+
+def _canonical_module(module: str) -> str | None:
+    """kohya name of a module path in any of the diffusers-side layouts; None if it is no SD part."""
+    module = module.removeprefix("base_model.model.")
+    if module.startswith("unet."):
+        component, path = "unet", module[len("unet."):]
+    elif module.startswith("text_encoder_2."):
+        component, path = "te2", module[len("text_encoder_2."):]
+    elif module.startswith("text_encoder."):
+        component, path = "te1", module[len("text_encoder."):]
+    elif module.startswith(_UNET_ROOTS):
+        component, path = "unet", module
+    elif module.startswith("text_model."):
+        component, path = "te1", module
+    else:
+        return None
+    if component == "unet":
+        path = path.replace(".processor.", ".")
+        if path.endswith(".to_out"):
+            path = path + ".0"  # the processor named the output projection without its index
+        return "lora_unet_" + path.replace(".", "_")
+    path = path.replace(".processor.", ".")
+    for old, new in _TEXT_PROCESSOR_NAMES.items():
+        if path.endswith(old):
+            path = path[: -len(old)] + new
+    return f"lora_{component}_" + path.replace(".", "_")
+
+
+def canonicalize(state_dict: dict) -> CanonicalLora:
+    """Rename a LoRA's keys to the canonical layout; report keys that are no LoRA weight."""
+    layout = detect_layout(state_dict.keys())
+    if layout is None:
+        raise FewStepInputError(
+            "no LoRA weights found (no lora_down/lora_up, lora_A/lora_B or kohya keys): this file is "
+            "not a LoRA. Load full models with a checkpoint or UNet loader instead."
+        )
+    tensors, unrecognized = {}, []
+    for key, tensor in state_dict.items():
+        split = _split(key)
+        if split is None:
+            unrecognized.append(key)
+            continue
+        module, role = split
+        if layout in ("kohya", "comfyui"):
+            name = module  # ComfyUI reads these names itself
+        else:
+            name = _canonical_module(module)
+            if name is None:
+                unrecognized.append(key)
+                continue
+        tensors[name + _CANONICAL_SUFFIX[role]] = tensor
+    has_text_encoder = any(k.startswith(("lora_te", "text_encoders.")) for k in tensors)
+    return CanonicalLora(tensors, layout, unrecognized, has_text_encoder)
+
+
+def lora_base(state_dict: dict) -> str | None:
+    """"sdxl" or "sd15" from a LoRA's shapes and parts; None when it can't tell."""
+    keys = list(state_dict)
+    if any(k.startswith(("lora_te2_", "text_encoder_2.", "text_encoders.clip_g.")) or "add_embedding" in k
+           or "label_emb" in k for k in keys):
+        return "sdxl"
+    for key, tensor in state_dict.items():
+        # Cross-attention key/value projections read the text embedding: 768 wide in SD1.5,
+        # 2048 in SDXL. PEFT's lora_A / kohya's lora_down has it as its input dimension.
+        if ("attn2" in key and ("to_k" in key or "to_v" in key) and tensor.ndim == 2
+                and _split(key) is not None and _split(key)[1] == "down"):
+            return {768: "sd15", 2048: "sdxl"}.get(tensor.shape[1])
+    return None

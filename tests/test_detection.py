@@ -1,0 +1,54 @@
+"""Family detection for files named and tagged as published (ComfyUI-free)."""
+import pytest
+
+from comfyui_fewstep.fewstep.detection import detect_settings
+
+PUBLISHED = [
+    # (file name as released, family, steps, cfg, prediction type)
+    ("lcm-lora-sdv1-5.safetensors", "lcm", 4, 1.0, "epsilon"),
+    ("lcm-lora-sdxl.safetensors", "lcm", 4, 1.0, "epsilon"),
+    ("sdxl_lightning_2step_lora.safetensors", "lightning", 2, 1.0, "epsilon"),
+    ("sdxl_lightning_4step_lora.safetensors", "lightning", 4, 1.0, "epsilon"),
+    ("sdxl_lightning_8step_lora.safetensors", "lightning", 8, 1.0, "epsilon"),
+    ("sdxl_lightning_1step_unet_x0.safetensors", "lightning", 1, 1.0, "sample"),
+    ("sdxl_lightning_2step_unet.safetensors", "lightning", 2, 1.0, "epsilon"),
+    ("sdxl_lightning_4step_unet.safetensors", "lightning", 4, 1.0, "epsilon"),
+    ("sdxl_lightning_8step_unet.safetensors", "lightning", 8, 1.0, "epsilon"),
+    ("Hyper-SD15-1step-lora.safetensors", "hyper_sd_1step", 1, 1.0, "epsilon"),
+    ("Hyper-SDXL-1step-lora.safetensors", "hyper_sd_1step", 1, 1.0, "epsilon"),
+    ("Hyper-SD15-2steps-lora.safetensors", "hyper_sd", 2, 1.0, "epsilon"),
+    ("Hyper-SDXL-4steps-lora.safetensors", "hyper_sd", 4, 1.0, "epsilon"),
+    ("Hyper-SDXL-8steps-lora.safetensors", "hyper_sd", 8, 1.0, "epsilon"),
+    ("Hyper-SD15-12steps-CFG-lora.safetensors", "hyper_sd", 12, 5.0, "epsilon"),
+    ("Hyper-SDXL-8steps-CFG-lora.safetensors", "hyper_sd", 8, 5.0, "epsilon"),
+    ("Hyper-SDXL-1step-Unet.safetensors", "hyper_sd_1step_unet", 1, 1.0, "epsilon"),
+    ("TCD-SD15-LoRA.safetensors", "tcd", 4, 1.0, "epsilon"),
+    ("TCD-SDXL-LoRA.safetensors", "tcd", 4, 1.0, "epsilon"),
+    ("dmd2_sdxl_4step_unet_fp16.safetensors", "dmd2", 4, 1.0, "epsilon"),
+    ("dmd2_sdxl_4step_lora_fp16.safetensors", "dmd2", 4, 1.0, "epsilon"),
+    ("sd_xl_turbo_1.0_fp16.safetensors", "turbo", 1, 1.0, "epsilon"),
+]
+
+
+@pytest.mark.parametrize("name,family,steps,cfg,prediction", PUBLISHED)
+def test_published_names(name, family, steps, cfg, prediction):
+    settings = detect_settings(name)
+    assert (settings.family, settings.steps, settings.cfg, settings.prediction_type) == (family, steps, cfg, prediction)
+    assert "file name" in settings.reason
+
+
+def test_tcd_and_hyper_one_step_carry_their_eta():
+    assert detect_settings("TCD-SDXL-LoRA.safetensors").eta == 0.3
+    assert detect_settings("Hyper-SDXL-1step-lora.safetensors").eta == 1.0
+
+
+def test_style_lora_is_not_few_step():
+    settings = detect_settings("watercolor_style_v2.safetensors", {"ss_output_name": "watercolor_style_v2"})
+    assert settings.family is None
+    assert "not a few-step model" in settings.summary()
+
+
+def test_metadata_wins_over_a_renamed_file():
+    settings = detect_settings("my_favourite.safetensors", {"ss_output_name": "sdxl_lightning_8step_lora"})
+    assert (settings.family, settings.steps) == ("lightning", 8)
+    assert "metadata ss_output_name" in settings.reason
