@@ -4,7 +4,8 @@ The Manager tests start real ComfyUI with `--enable-manager` in a throwaway base
 custom_nodes/ is empty, ask the Manager's HTTP API to install the pack from a bare clone of this
 repository (a file:// URL stands in for the remote), let it run `pip install` on requirements.txt,
 restart ComfyUI through the Manager, and look for the nodes in GET /object_info. The Manager runs
-with `network_mode = offline`: it reads its node database from its cache and fetches nothing.
+with `network_mode = offline`, so it reads its node database from its local cache; pip finds
+requirements.txt already satisfied by the test environment.
 """
 from __future__ import annotations
 
