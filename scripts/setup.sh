@@ -17,6 +17,8 @@ if [ -f "$comfyui/requirements.txt" ]; then
   # torchaudio is not installable here; without it ComfyUI only loses its audio nodes.
   grep -vE '^(torch|torchvision|torchaudio)([<>=~ ]|$)' "$comfyui/requirements.txt" > /tmp/fewstep-comfyui-requirements.txt
   "$python" -m pip install -q -r /tmp/fewstep-comfyui-requirements.txt
+  # ComfyUI-Manager, for the install-through-Manager tests (ComfyUI pins its version).
+  [ -f "$comfyui/manager_requirements.txt" ] && "$python" -m pip install -q -r "$comfyui/manager_requirements.txt"
 else
   echo "!!! ComfyUI not found at $comfyui (set COMFYUI_PATH): installing only the pack's own requirements" >&2
 fi
