@@ -5,18 +5,20 @@ ComfyUI's own (comfy.lora key maps, ModelPatcher.add_patches, ModelSamplingDiscr
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import comfy.lora
 import comfy.sd
 import comfy.supported_models
 import folder_paths
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..fewstep.detection import detect_settings
 from ..fewstep.families import FAMILY_NAMES, FewStepInputError, FewStepSettings, get_family
 from ..fewstep.lora_layouts import canonicalize, lora_base, read_safetensors
 from .types import FewStepSettingsType
+from .validation import check_numbers, validation_message
 
 DETECT = "detect"
 FEW_STEP_LORAS = "fewstep_loras"  # model_options entry: the few-step LoRAs already on this model
@@ -39,6 +41,12 @@ def model_base(model) -> str:
 
 def _in_file(input_name: str, file_name: str, error: FewStepInputError) -> FewStepInputError:
     return FewStepInputError(f"{input_name}: {file_name}: {error}".replace(f"{file_name}: {file_name}:", f"{file_name}:"))
+
+
+def settings_ui(settings: FewStepSettings, lines: list[str]) -> dict:
+    """What the node shows after it runs: its report as text, and the settings for web/fewstep.js,
+    which moves the connected samplers' widgets to the file's reference values."""
+    return {"text": ("\n".join(lines),), "fewstep_settings": [dataclasses.asdict(settings)]}
 
 
 def resolve_settings(family_override: str, file_name: str, metadata: dict) -> FewStepSettings:
@@ -81,7 +89,12 @@ class FewStepLoraLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, strength_model=None, strength_clip=None) -> bool | str:
+        return validation_message(lambda: check_numbers(cls, strength_model=strength_model, strength_clip=strength_clip))
+
+    @classmethod
     def execute(cls, model, lora_name, strength_model, strength_clip, family=DETECT, clip=None) -> io.NodeOutput:
+        check_numbers(cls, strength_model=strength_model, strength_clip=strength_clip)
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         try:
             tensors, metadata = read_safetensors(path)
@@ -133,7 +146,7 @@ class FewStepLoraLoader(io.ComfyNode):
                 log.warning(warning)
                 lines.append(warning)
             new_model.model_options[FEW_STEP_LORAS] = [*earlier, lora_name]
-        return io.NodeOutput(new_model, new_clip, settings, ui=ui.PreviewText("\n".join(lines)))
+        return io.NodeOutput(new_model, new_clip, settings, ui=settings_ui(settings, lines))
 
 
 class FewStepUNetLoader(io.ComfyNode):
@@ -177,7 +190,7 @@ class FewStepUNetLoader(io.ComfyNode):
             import comfy_extras.nodes_model_advanced as advanced
 
             (model,) = advanced.ModelSamplingDiscrete().patch(model, "x0", False)
-        return io.NodeOutput(model, settings, ui=ui.PreviewText(settings.summary()))
+        return io.NodeOutput(model, settings, ui=settings_ui(settings, [settings.summary()]))
 
 
 LOADER_NODES = [FewStepLoraLoader, FewStepUNetLoader]

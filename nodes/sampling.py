@@ -18,6 +18,7 @@ from ..fewstep.schedules import (
     reference_timesteps,
 )
 from .types import FewStepSettingsType
+from .validation import check_numbers, validation_message
 
 ETA_FROM_FAMILY = -1.0
 
@@ -55,13 +56,38 @@ def noise_schedule_of(model_sampling) -> DiscreteNoiseSchedule:
     return DiscreteNoiseSchedule(model_sampling.sigmas)
 
 
-def validation_message(check) -> bool | str:
-    """Run a pure-layer check for validate_inputs: True, or the message ComfyUI shows the user."""
-    try:
-        check()
-    except FewStepInputError as error:
-        return str(error)
-    return True
+def schedule_sigmas(model, family: Family, steps: int, denoise: float, timesteps: str = "",
+                    original_inference_steps: int = LCM_ORIGINAL_INFERENCE_STEPS):
+    """SIGMAS for the family's reference timesteps, read through the model's own σ table."""
+    timestep_list = reference_timesteps(
+        family.name, steps, denoise, parse_timesteps(timesteps or ""), original_inference_steps
+    )
+    model_sampling = model.get_model_object("model_sampling")
+    if isinstance(model_sampling, comfy.model_sampling.X0) and family.update_rule not in ("euler", "euler_ancestral"):
+        raise FewStepInputError(
+            f"family: {family.name} with a model that predicts x0 (the 1-step SDXL-Lightning UNet); "
+            "that UNet was distilled for Euler sampling — set family to lightning."
+        )
+    return noise_schedule_of(model_sampling).sigmas_for(timestep_list)
+
+
+def resolve_eta(eta: float | None, settings: FewStepSettings | None, family: Family) -> float | None:
+    """The sampler's eta: the widget's, unless it asks for the reference (-1): the file's, else the family's."""
+    if eta is not None and eta >= 0:
+        return eta
+    if settings is not None and settings.eta is not None and settings.family == family.name:
+        return settings.eta
+    return family.default_eta
+
+
+def eta_input() -> io.Float.Input:
+    return io.Float.Input(
+        "eta", default=ETA_FROM_FAMILY, min=-1.0, max=1.0, step=0.05, optional=True,
+        tooltip=(
+            "TCD's gamma (stochasticity); -1 uses the family's reference: 0.3 for tcd, "
+            "1.0 for hyper_sd_1step. Other families ignore it."
+        ),
+    )
 
 
 class FewStepScheduler(io.ComfyNode):
@@ -112,29 +138,16 @@ class FewStepScheduler(io.ComfyNode):
                         original_inference_steps=None) -> bool | str:
         # Linked inputs arrive as None: only constants are checked before running.
         def check():
-            if family is not None:
-                get_family(family)
-            if family is not None and steps is not None and denoise is not None:
-                reference_timesteps(
-                    family, steps, denoise, parse_timesteps(timesteps or ""),
-                    original_inference_steps or LCM_ORIGINAL_INFERENCE_STEPS,
-                )
+            check_numbers(cls, steps=steps, denoise=denoise, original_inference_steps=original_inference_steps)
+            check_schedule(family, steps, denoise, timesteps, original_inference_steps)
         return validation_message(check)
 
     @classmethod
     def execute(cls, model, family, steps, denoise, timesteps="",
                 original_inference_steps=LCM_ORIGINAL_INFERENCE_STEPS, settings=None) -> io.NodeOutput:
+        check_numbers(cls, steps=steps, denoise=denoise, original_inference_steps=original_inference_steps)
         chosen = resolve_family(family, settings)
-        timestep_list = reference_timesteps(
-            chosen.name, steps, denoise, parse_timesteps(timesteps or ""), original_inference_steps
-        )
-        model_sampling = model.get_model_object("model_sampling")
-        if isinstance(model_sampling, comfy.model_sampling.X0) and chosen.update_rule not in ("euler", "euler_ancestral"):
-            raise FewStepInputError(
-                f"family: {chosen.name} with a model that predicts x0 (the 1-step SDXL-Lightning UNet); "
-                "that UNet was distilled for Euler sampling — set family to lightning."
-            )
-        return io.NodeOutput(noise_schedule_of(model_sampling).sigmas_for(timestep_list))
+        return io.NodeOutput(schedule_sigmas(model, chosen, steps, denoise, timesteps, original_inference_steps))
 
 
 class FewStepKSAMPLER(comfy.samplers.KSAMPLER):
@@ -190,28 +203,103 @@ class FewStepSampler(io.ComfyNode):
             ),
             inputs=[
                 family_input(),
-                io.Float.Input(
-                    "eta", default=ETA_FROM_FAMILY, min=-1.0, max=1.0, step=0.05, optional=True,
-                    tooltip=(
-                        "TCD's gamma (stochasticity); -1 uses the family's reference: 0.3 for tcd, "
-                        "1.0 for hyper_sd_1step. Other families ignore it."
-                    ),
-                ),
+                eta_input(),
                 settings_input(),
             ],
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
-    def validate_inputs(cls, family=None) -> bool | str:
-        return validation_message(lambda: family is None or get_family(family))
+    def validate_inputs(cls, family=None, eta=None) -> bool | str:
+        def check():
+            check_numbers(cls, eta=eta)
+            if family is not None:
+                get_family(family)
+        return validation_message(check)
 
     @classmethod
     def execute(cls, family, eta=ETA_FROM_FAMILY, settings=None) -> io.NodeOutput:
+        check_numbers(cls, eta=eta)
         chosen = resolve_family(family, settings)
-        if eta is None or eta < 0:
-            eta = settings.eta if settings is not None and settings.eta is not None else chosen.default_eta
-        return io.NodeOutput(FewStepKSAMPLER(chosen, eta))
+        return io.NodeOutput(FewStepKSAMPLER(chosen, resolve_eta(eta, settings, chosen)))
 
 
-SAMPLING_NODES = [FewStepScheduler, FewStepSampler]
+def check_schedule(family, steps, denoise, timesteps, original_inference_steps) -> None:
+    """The scheduler's checks on constant widget values, for validate_inputs (None: linked)."""
+    if family is not None:
+        get_family(family)
+    if family is not None and steps is not None and denoise is not None:
+        reference_timesteps(
+            family, steps, denoise, parse_timesteps(timesteps or ""),
+            original_inference_steps or LCM_ORIGINAL_INFERENCE_STEPS,
+        )
+
+
+class FewStepKSampler(io.ComfyNode):
+    """Scheduler + sampler + ComfyUI's SamplerCustom in one node, for graphs wired like KSampler."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FewStepKSampler",
+            display_name="Few-Step KSampler (LCM, Turbo, Lightning, Hyper-SD, TCD, DMD2)",
+            category="sampling/few-step",
+            description=(
+                "Samples a few-step model the way its card does — the family's timesteps, update rule and "
+                "initial noise — in one node: Few-Step Scheduler and Sampler run inside ComfyUI's SamplerCustom."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The few-step model (a distilled checkpoint/UNet, or a base model with its LoRA)."),
+                io.Conditioning.Input("positive", tooltip="The prompt's conditioning."),
+                io.Conditioning.Input(
+                    "negative",
+                    tooltip="Used only when cfg > 1. At the cards' cfg 1 (turbo, lightning, hyper_sd, dmd2, tcd) it has no effect.",
+                ),
+                io.Latent.Input(
+                    "latent_image",
+                    tooltip="An Empty Latent Image for text-to-image (turbo: 512², the rest: the base model's size), or an encoded image with denoise < 1.",
+                ),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the initial and per-step noise, drawn as ComfyUI's SamplerCustom draws it."),
+                family_input(),
+                io.Int.Input("steps", default=4, min=1, max=50,
+                             tooltip="Sampling steps. The cards: LCM/TCD/DMD2/Lightning 4, Turbo 1, Hyper-SD 1–8."),
+                io.Float.Input(
+                    "cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                    tooltip=(
+                        "Classifier-free guidance. The cards use 1.0 (no guidance: the negative prompt has no "
+                        "effect) for turbo, lightning, hyper_sd, tcd and dmd2; LCM-LoRA takes 1–2, Hyper-SD's "
+                        "CFG LoRAs 5–8."
+                    ),
+                ),
+                io.Float.Input(
+                    "denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                    tooltip="1.0 for text-to-image; below 1 keeps part of latent_image (see Few-Step Scheduler).",
+                ),
+                eta_input(),
+                settings_input(),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, family=None, steps=None, cfg=None, denoise=None, seed=None, eta=None) -> bool | str:
+        def check():
+            check_numbers(cls, seed=seed, steps=steps, cfg=cfg, denoise=denoise, eta=eta)
+            check_schedule(family, steps, denoise, None, None)
+        return validation_message(check)
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, family, steps, cfg, denoise,
+                eta=ETA_FROM_FAMILY, settings=None) -> io.NodeOutput:
+        from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+        check_numbers(cls, seed=seed, steps=steps, cfg=cfg, denoise=denoise, eta=eta)
+        chosen = resolve_family(family, settings)
+        sigmas = schedule_sigmas(model, chosen, steps, denoise)
+        sampler = FewStepKSAMPLER(chosen, resolve_eta(eta, settings, chosen))
+        sampled = SamplerCustom.execute(model, True, seed, cfg, positive, negative, sampler, sigmas, latent_image)
+        return io.NodeOutput(sampled[0])
+
+
+SAMPLING_NODES = [FewStepScheduler, FewStepSampler, FewStepKSampler]

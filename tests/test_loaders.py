@@ -130,7 +130,8 @@ def test_few_step_lora_is_detected_and_stacking_two_warns(comfy, sd15):
 
     def load(model, clip, name):
         out = loader.execute(model=model, clip=clip, lora_name=name, strength_model=1.0, strength_clip=1.0)
-        return out.args, "\n".join(out.ui.as_dict()["text"])
+        assert out.ui["fewstep_settings"][0]["family"] == out.args[2].family  # what web/fewstep.js reads
+        return out.args, "\n".join(out.ui["text"])
 
     (styled, clip2, style_settings), _ = load(model, clip, style)
     (with_lcm, _, lcm_settings), lcm_ui = load(styled, clip2, lcm)

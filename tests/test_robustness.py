@@ -36,18 +36,7 @@ REMOVE = object()  # a case that deletes the input instead of setting it
 
 # Gaps in the nodes that this suite found, by (node, input, case): they must still fail as listed
 # (so the list stays true), and the test reports xfail until the node is fixed and the line removed.
-KNOWN_GAPS = {
-    ("FewStepScheduler", "steps", "not a number"):
-        "validate_inputs raises TypeError on the unconverted string: traceback soup, no input named",
-    ("FewStepScheduler", "steps", "NaN"):
-        "validate_inputs raises TypeError on float NaN: traceback soup, no input named",
-    ("FewStepScheduler", "denoise", "not a number"):
-        "validate_inputs raises TypeError on the unconverted string: traceback soup, no input named",
-    ("FewStepScheduler", "original_inference_steps", "not a number"):
-        "validate_inputs raises on the unconverted string: traceback soup, no input named",
-    ("FewStepSampler", "eta", "NaN"):
-        "NaN passes ComfyUI's min/max check and validate_inputs does not look at eta: the prompt runs",
-}
+KNOWN_GAPS: dict[tuple[str, str, str], str] = {}
 
 
 @dataclass
@@ -330,10 +319,6 @@ def test_img2img_with_no_step_left_on_a_trailing_family_is_refused(robust, objec
     assert_still_serving(robust)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FewStepScheduler.validate_inputs checks `steps` against the declared max (50) only through "
-    "LCM's 50-step grid; ComfyUI skips its own min/max check for inputs validate_inputs takes, so "
-    "turbo/lightning/hyper_sd/dmd2 accept any step count (steps=1000 ran for minutes on CPU)"))
 @pytest.mark.parametrize("family", TRAILING_FAMILIES)
 def test_steps_above_the_declared_maximum_are_refused_for_every_family(robust, family):
     outcome = run(robust, scheduler_prompt(robust.tiny, family, steps=51))
@@ -359,9 +344,6 @@ def test_x0_model_runs_with_the_family_it_was_distilled_for(robust):
     assert outcome.succeeded, (outcome.body, outcome.error)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FewStepScheduler/FewStepSampler do not look at the model's prediction type: an x0 model "
-    "(the 1-step SDXL-Lightning UNet) sampled with the LCM family runs without a word"))
 def test_x0_model_with_the_lcm_family_is_refused(robust):
     outcome = run(robust, x0_prompt(robust.tiny, "lcm", 4))
     try:

@@ -7,6 +7,7 @@ within 1e-3 in diffusers latent units (ComfyUI returns latents divided by the la
 from __future__ import annotations
 
 import pytest
+import torch
 
 from comfyui_fewstep.fewstep.schedules import reference_timesteps
 from diffusers_reference import ACCEPTANCE_GRID, DiffusersSide
@@ -44,3 +45,31 @@ def test_lcm_lora_style_cfg_with_negative_prompt(comfy, sd15, sd15_diffusers):
 
 def test_sdxl_family_model_matches_diffusers(comfy, sdxl):
     compare(comfy, sdxl, DiffusersSide(sdxl), "lightning", 4, 1.0)
+
+
+def ksampler_prompt(tiny, family, steps, denoise, cfg=1.0, negative="", latent_file=None) -> dict:
+    """The same graph with FewStepKSampler in place of scheduler + sampler + SamplerCustom."""
+    prompt = sampling_prompt(tiny, family, steps, denoise, cfg, negative, latent_file)
+    for node in ("sigmas", "sampler", "sample"):
+        del prompt[node]
+    prompt["sample"] = {"class_type": "FewStepKSampler", "inputs": {
+        "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent_in", 0],
+        "seed": SEED, "family": family, "steps": steps, "cfg": cfg, "denoise": denoise}}
+    return prompt
+
+
+@pytest.mark.parametrize("family,steps,denoise,cfg", [
+    ("lcm", 4, 1.0, 1.5), ("tcd", 4, 0.5, 1.0), ("turbo", 2, 0.5, 1.0), ("hyper_sd_1step_unet", 1, 1.0, 1.0),
+])
+def test_one_node_sampler_is_the_scheduler_and_sampler_in_samplercustom(comfy, sd15, sd15_diffusers,
+                                                                        family, steps, denoise, cfg):
+    """FewStepKSampler runs exactly the core nodes: the same latent bit for bit, and diffusers' within 1e-3."""
+    img2img = denoise < 1.0
+    latent_file, latent = image_latent(comfy, sd15) if img2img else (None, None)
+    negative = NEGATIVE if cfg > 1 else ""
+    one_node = comfy.run(ksampler_prompt(sd15, family, steps, denoise, cfg, negative, latent_file)).latent("save")
+    wired = comfy.run(sampling_prompt(sd15, family, steps, denoise, cfg, negative, latent_file)).latent("save")
+    assert torch.equal(one_node, wired)
+    _, expected = sd15_diffusers.sample(family, steps, denoise, PROMPT, SEED, cfg, negative, latent)
+    delta = (one_node * sd15.latent_scale - expected).abs().max().item()
+    assert delta <= TOLERANCE, f"{family}: max |Δ| {delta:.2e}"
