@@ -3,6 +3,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .acceleration import ACCELERATION_NODES
 from .loaders import LOADER_NODES
 from .sampling import SAMPLING_NODES
 
@@ -10,4 +11,4 @@ from .sampling import SAMPLING_NODES
 class FewStepExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*SAMPLING_NODES, *LOADER_NODES]
+        return [*SAMPLING_NODES, *LOADER_NODES, *ACCELERATION_NODES]

@@ -1,0 +1,256 @@
+"""Fixed-shape acceleration: CUDA-graph capture per input shape, and the tolerance it is held to.
+
+Few-step sampling runs the UNet 1–4 times and the VAE decoder once, at one shape, so at 512² the GPU
+mostly waits for Python to launch ~1,500 kernels per UNet call. A CUDA graph records those launches
+once per shape and replays them with one call (PyTorch's "CUDA Graphs" notes, torch.cuda.CUDAGraph).
+A graph replays fixed memory addresses: its inputs are copied into static buffers, its output is
+copied out, and it is only valid while every parameter and buffer of the module it ran is the
+tensor that was captured — `WeightSnapshot` checks that, so a re-patched or offloaded model is
+re-captured or run eagerly instead of reading freed memory.
+
+Torch only; the ComfyUI side (ModelPatcher wrappers, the VAE object) is in nodes/acceleration.py.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+log = logging.getLogger("fewstep.acceleration")
+
+# Eager runs on a side stream before capturing: lazy initialisation (cuBLAS handles and workspaces,
+# cuDNN's algorithm choice, SDPA's backend) must happen outside the graph (PyTorch CUDA Graphs notes:
+# "warm up on a side stream before capture"). Three is what the PyTorch notes' examples use.
+WARMUP_RUNS = 3
+DEFAULT_MAX_SHAPES = 4
+
+# The accelerated path must agree with the eager path it replaces (same ComfyUI model, same inputs)
+# to this relative L2 error, ‖accelerated − eager‖ / ‖eager‖, on the final latent and on the decoded
+# image. A replayed graph runs the same kernels as eager, except where cuDNN's autotuning (optional)
+# picks another convolution algorithm, which sums in another order: in fp16 (unit roundoff 4.9e-4)
+# and bf16 (3.9e-3, ComfyUI's VAE dtype) that stays near 1e-3 through a UNet and a decoder. A stale
+# buffer, a missed input or a wrong shape gives errors of order 1, so 1e-2 separates the two.
+RELATIVE_L2_TOLERANCE = 1e-2
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How far an accelerated output is from the eager one."""
+
+    relative_l2: float
+    max_abs: float
+    tolerance: float = RELATIVE_L2_TOLERANCE
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.relative_l2 <= self.tolerance  # False for NaN too
+
+    def __str__(self) -> str:
+        verdict = "within" if self.within_tolerance else "OUTSIDE"
+        return f"rel L2 {self.relative_l2:.2e}, max |Δ| {self.max_abs:.2e} ({verdict} {self.tolerance:g})"
+
+
+def agreement(accelerated: torch.Tensor, eager: torch.Tensor, tolerance: float = RELATIVE_L2_TOLERANCE) -> Agreement:
+    """‖accelerated − eager‖₂ / ‖eager‖₂ and max |Δ|, in float64."""
+    if accelerated.shape != eager.shape:
+        raise ValueError(f"shapes differ: {tuple(accelerated.shape)} vs {tuple(eager.shape)}")
+    a, e = accelerated.detach().double().cpu(), eager.detach().double().cpu()
+    difference = a - e
+    reference = torch.linalg.vector_norm(e).item()
+    relative = torch.linalg.vector_norm(difference).item() / reference if reference > 0 else float("inf")
+    return Agreement(relative, difference.abs().max().item(), tolerance)
+
+
+def tensor_signature(value) -> tuple | None:
+    """What a captured graph is specific to: shape, dtype, device, memory layout (None stays None)."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"not a tensor: {type(value).__name__}")
+    return (tuple(value.shape), value.dtype, value.device, value.stride())
+
+
+def cuda_graph_unavailable_reason(device: torch.device | str) -> str | None:
+    """Why CUDA graphs cannot run on `device`, or None when they can."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device and this runs on {device.type}"
+    if not torch.cuda.is_available():
+        return "CUDA graphs need a CUDA device and torch sees none"
+    if torch.cuda.is_current_stream_capturing():
+        return "a CUDA graph is already being captured on this stream"
+    return None
+
+
+class WeightSnapshot:
+    """The storage address of every parameter and buffer of a module, as a graph captured them.
+
+    ComfyUI patches weights (LoRA, offloading, lowvram) either in place — the graph then reads the
+    new values, correctly — or by swapping in new tensors, which `unchanged()` detects.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.entries = []
+        for owner in module.modules():
+            for slots in (owner._parameters, owner._buffers):
+                for name, tensor in slots.items():
+                    if tensor is not None:
+                        self.entries.append((slots, name, tensor.data_ptr()))
+
+    def unchanged(self) -> bool:
+        for slots, name, address in self.entries:
+            tensor = slots.get(name)
+            if tensor is None or tensor.data_ptr() != address:
+                return False
+        return True
+
+
+class CapturedGraph:
+    """One callable captured as a CUDA graph for one set of input shapes.
+
+    `function(*inputs)` must return one tensor and only read tensors that stay where they are
+    (its inputs, which are copied into static buffers, and the module's weights).
+    """
+
+    def __init__(self, function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | None],
+                 module: torch.nn.Module, pool, autotune: bool):
+        started = time.perf_counter()
+        self.static_inputs = [None if x is None else x.clone() for x in inputs]
+        self.snapshot = WeightSnapshot(module)
+        benchmark = torch.backends.cudnn.benchmark
+        # cuDNN's benchmark mode times each convolution's algorithms for this shape during warm-up
+        # and caches the choice, which the capture then records; it is switched back afterwards so
+        # eager code elsewhere in the process is unaffected.
+        torch.backends.cudnn.benchmark = autotune or benchmark
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_RUNS):
+                    function(*self.static_inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: another thread's CUDA calls (a server's) don't invalidate this capture.
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                self.static_output = function(*self.static_inputs)
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
+        if not isinstance(self.static_output, torch.Tensor):
+            raise TypeError(f"captured function returned {type(self.static_output).__name__}, not a tensor")
+        torch.cuda.current_stream().synchronize()
+        self.capture_seconds = time.perf_counter() - started
+        self.replays = 0
+
+    def __call__(self, inputs: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Replay on `inputs`; returns the static output itself: copy it before the next replay."""
+        for static, value in zip(self.static_inputs, inputs):
+            if static is not None:
+                static.copy_(value)
+        self.graph.replay()
+        self.replays += 1
+        return self.static_output
+
+
+@dataclass
+class CaptureRecord:
+    part: str  # "UNet" or "VAE decode"
+    signature: tuple
+    seconds: float
+
+
+@dataclass
+class GraphCache:
+    """Captured graphs of one part (the UNet, the VAE decoder) by input signature.
+
+    At most `max_shapes` graphs are kept (least recently used dropped). All share one memory pool:
+    they never run at once and each output is copied out before the next replay.
+    """
+
+    part: str
+    max_shapes: int = DEFAULT_MAX_SHAPES
+    autotune: bool = True
+    graphs: OrderedDict = field(default_factory=OrderedDict)
+    failures: dict = field(default_factory=dict)  # signature → why capture failed (not retried)
+    captures: list = field(default_factory=list)  # CaptureRecord per capture, in order
+    eager_calls: int = 0
+    _pool: object = None
+    _trusted: set | None = None  # graphs whose weights were checked in the current sampling run
+    _said: set = field(default_factory=set)
+
+    def run(self, signature: tuple, function: Callable[..., torch.Tensor],
+            inputs: Sequence[torch.Tensor | None], module: torch.nn.Module) -> torch.Tensor | None:
+        """The graph's output for `inputs` (capturing it the first time), or None: run eagerly."""
+        if signature in self.failures:
+            return None
+        graph = self.graphs.get(signature)
+        if graph is not None and not self._weights_still_captured(graph):
+            self.say(f"{self.part}: the model's weights moved since capture (re-patched or reloaded); re-capturing")
+            del self.graphs[signature]
+            graph = None
+        if graph is None:
+            graph = self._capture(signature, function, inputs, module)
+            if graph is None:
+                return None
+        self.graphs.move_to_end(signature)
+        return graph(inputs)
+
+    def begin_run(self) -> None:
+        """Within one sampling run weights don't move: check each graph's weights once per run."""
+        self._trusted = set()
+
+    def end_run(self) -> None:
+        self._trusted = None
+
+    def _weights_still_captured(self, graph: CapturedGraph) -> bool:
+        if self._trusted is not None and id(graph) in self._trusted:
+            return True
+        if not graph.snapshot.unchanged():
+            return False
+        if self._trusted is not None:
+            self._trusted.add(id(graph))
+        return True
+
+    def _capture(self, signature, function, inputs, module) -> CapturedGraph | None:
+        while len(self.graphs) >= self.max_shapes:
+            self.graphs.popitem(last=False)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            graph = CapturedGraph(function, inputs, module, self._pool, self.autotune)
+        except Exception as error:  # an op that cannot be captured: this shape runs eagerly from now on
+            reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            self.failures[signature] = reason
+            self.say(f"{self.part}: capture failed for {describe(signature)} ({reason}); running eager for this shape")
+            torch.cuda.synchronize()
+            return None
+        self.graphs[signature] = graph
+        record = CaptureRecord(self.part, signature, graph.capture_seconds)
+        self.captures.append(record)
+        log.info("FewStepAccelerate: captured %s CUDA graph for %s in %.2f s%s; replayed for every later "
+                 "call of this shape", self.part, describe(signature), graph.capture_seconds,
+                 " (cuDNN autotuned)" if self.autotune else "",
+                 extra={"fewstep_capture": record})
+        return graph
+
+    def eager(self, reason: str) -> None:
+        """Count an eager call and say why, once per reason."""
+        self.eager_calls += 1
+        self.say(f"{self.part}: {reason}; running eager")
+
+    def say(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            log.warning("FewStepAccelerate: %s", message)
+
+
+def describe(signature: tuple) -> str:
+    """The shapes and dtypes of a signature, for messages: '(1, 4, 128, 128) float16, …'."""
+    parts = []
+    for item in signature:
+        if isinstance(item, tuple) and len(item) == 4 and isinstance(item[1], torch.dtype):
+            parts.append(f"{item[0]} {str(item[1]).replace('torch.', '')}")
+    return ", ".join(parts) or str(signature)

@@ -1,0 +1,197 @@
+"""FewStepAccelerate: the UNet and the VAE decoder replayed as CUDA graphs, one per input shape.
+
+Thin glue: capture, per-shape caching and the weight check are fewstep.acceleration's. They are
+attached through ComfyUI's own mechanisms: a ModelPatcher clone carrying a DIFFUSION_MODEL wrapper
+(around UNetModel.forward) and a SAMPLER_SAMPLE wrapper (one sampling run), see
+comfy/patcher_extension.py; and a VAE object that shares the loaded VAE's weights and patcher and
+overrides decode. ComfyUI already fuses LoRA weights into the model when it loads it (ModelPatcher
+patches the weights themselves), so a graph of the patched model runs no LoRA code at all.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.sd
+from comfy_api.latest import io, ui
+
+from ..fewstep.acceleration import (
+    DEFAULT_MAX_SHAPES,
+    GraphCache,
+    cuda_graph_unavailable_reason,
+    tensor_signature,
+)
+
+WRAPPER_KEY = "fewstep_accelerate"
+
+
+class UNetAccelerator:
+    """The UNet part: DIFFUSION_MODEL and SAMPLER_SAMPLE wrappers sharing one GraphCache."""
+
+    def __init__(self, graphs: GraphCache, base_model):
+        self.graphs = graphs
+        self.base_model = base_model  # comfy.model_base.BaseModel, shared by every clone of the patcher
+
+    def eager_reason(self, x, control, transformer_options: dict, extra: dict) -> str | None:
+        """Why this UNet call cannot be replayed from a graph, or None."""
+        reason = cuda_graph_unavailable_reason(x.device)
+        if reason is not None:
+            return reason
+        if control is not None:
+            return "a ControlNet/T2I-Adapter is attached (its residuals are computed outside the UNet each step)"
+        patches = {**(transformer_options.get("patches") or {}), **(transformer_options.get("patches_replace") or {})}
+        if patches:
+            return f"model patches are attached ({', '.join(sorted(patches))}); they run Python inside the UNet"
+        if "optimized_attention_override" in transformer_options:
+            return "an attention override is attached"
+        if getattr(self.base_model, "model_lowvram", False) or getattr(self.base_model, "lowvram_patch_counter", 0):
+            return "the model is only partly on the GPU (lowvram): its weights are streamed and patched per layer"
+        if getattr(self.base_model, "manual_cast_dtype", None) is not None:
+            return "the model's weights are cast to the compute dtype per layer (manual cast)"
+        for name, value in extra.items():
+            if value is not None and not isinstance(value, torch.Tensor):
+                return f"the UNet gets a non-tensor input '{name}'"
+        return None
+
+    def diffusion_model(self, executor, x, timesteps=None, context=None, y=None, control=None,
+                        transformer_options={}, **extra):
+        reason = self.eager_reason(x, control, transformer_options, extra)
+        if reason is None:
+            names = sorted(extra)
+            inputs = [x, timesteps, context, y, *(extra[name] for name in names)]
+            signature = (*(tensor_signature(value) for value in inputs), tuple(names),
+                         torch.is_inference_mode_enabled())
+
+            def forward(x_, timesteps_, context_, y_, *extra_):
+                return executor(x_, timesteps_, context_, y_, None, transformer_options, **dict(zip(names, extra_)))
+
+            output = self.graphs.run(signature, forward, inputs, executor.class_obj)
+            if output is not None:
+                return output.clone()  # the graph's output buffer is rewritten by the next replay
+        else:
+            self.graphs.eager(reason)
+        return executor(x, timesteps, context, y, control, transformer_options, **extra)
+
+    def sampler_sample(self, executor, *args, **kwargs):
+        # Models are loaded (and weights patched) before the sampler runs and not during it, so each
+        # graph's weights are checked once per sampling run rather than at every step.
+        self.graphs.begin_run()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.graphs.end_run()
+
+
+class AcceleratedVAE(comfy.sd.VAE):
+    """A VAE sharing a loaded VAE's weights, patcher and settings, whose decode replays a CUDA graph.
+
+    The graph covers what ComfyUI's VAE.decode does to one batch — decode, float, process_output —
+    on the GPU, then one copy to ComfyUI's intermediate device; anything else is VAE.decode itself.
+    """
+
+    @classmethod
+    def sharing(cls, vae: comfy.sd.VAE, graphs: GraphCache) -> "AcceleratedVAE":
+        accelerated = cls.__new__(cls)
+        accelerated.__dict__.update(vae.__dict__)
+        accelerated.decode_graphs = graphs
+        return accelerated
+
+    def decode_eager_reason(self, samples_in, vae_options) -> str | None:
+        reason = cuda_graph_unavailable_reason(self.device)
+        if reason is not None:
+            return reason
+        if self.latent_dim != 2 or samples_in.ndim != 4:
+            return f"only image latents (4-D) are captured, this one is {samples_in.ndim}-D"
+        if vae_options:
+            return f"vae_options are set ({', '.join(sorted(vae_options))})"
+        return None
+
+    def decode(self, samples_in, vae_options={}):
+        self.throw_exception_if_invalid()
+        reason = self.decode_eager_reason(samples_in, vae_options)
+        if reason is None:
+            memory_used = self.memory_used_decode(samples_in.shape, self.vae_dtype)
+            comfy.model_management.load_models_gpu([self.patcher], memory_required=memory_used,
+                                                   force_full_load=self.disable_offload)
+            if int(comfy.model_management.get_free_memory(self.device) / memory_used) < samples_in.shape[0]:
+                reason = "the batch does not fit in free memory in one piece (ComfyUI splits it)"
+        if reason is not None:
+            self.decode_graphs.eager(reason)
+            return super().decode(samples_in, vae_options)
+
+        latent = samples_in.to(self.vae_dtype).to(self.device)
+        signature = (tensor_signature(latent), torch.is_inference_mode_enabled())
+        image = self.decode_graphs.run(signature, self._decode_to_image, [latent], self.first_stage_model)
+        if image is None:
+            return super().decode(samples_in, vae_options)
+        return self._to_output_device(image).movedim(1, -1)
+
+    def _decode_to_image(self, latent):
+        # VAE.decode computes process_output(decode(samples).to(output_device).float()): the same
+        # elementwise float32 maths, here before the copy instead of after it.
+        return self.process_output(self.first_stage_model.decode(latent).float())
+
+    def _to_output_device(self, image):
+        if self.output_device.type != "cpu":
+            return image.clone().to(self.output_device)
+        # Page-locked memory (PyTorch's host caching allocator) copies at full PCIe speed.
+        output = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
+        output.copy_(image, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        return output
+
+
+class FewStepAccelerate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FewStepAccelerate",
+            display_name="Few-Step Accelerate (CUDA graphs for UNet and VAE decode)",
+            category="sampling/few-step",
+            description=(
+                "Replays the UNet and the VAE decoder as CUDA graphs, captured at the first run of each "
+                "image size and batch, to remove the kernel-launch overhead that dominates 1–4-step "
+                "sampling. Outputs match the eager path within a measured tolerance; whatever it cannot "
+                "capture (CPU, ControlNet, model patches, lowvram) runs eagerly with a message."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip=(
+                    "The model to sample, LoRAs already applied (ComfyUI fuses them into the weights). "
+                    "Put this node last on the model path, right before the sampler.")),
+                io.Vae.Input("vae", tooltip="The VAE whose decode is captured; connect the output to VAE Decode."),
+                io.Boolean.Input("autotune_convolutions", default=True, tooltip=(
+                    "Let cuDNN time the convolution algorithms for each shape while capturing (adds a few "
+                    "seconds to the first run, the choice is kept in the graph). Off: cuDNN's heuristic "
+                    "choice, the same kernels as eager.")),
+                io.Int.Input("max_shapes", default=DEFAULT_MAX_SHAPES, min=1, max=64, tooltip=(
+                    "How many image size × batch combinations keep a captured graph each for the UNet "
+                    "and the VAE (least recently used dropped); each holds its activations' memory.")),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The model with its UNet calls replayed from CUDA graphs."),
+                io.Vae.Output(tooltip="The VAE with its decode replayed from CUDA graphs."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, autotune_convolutions=True, max_shapes=DEFAULT_MAX_SHAPES) -> io.NodeOutput:
+        unet = UNetAccelerator(GraphCache("UNet", max_shapes, autotune_convolutions), model.model)
+        accelerated = model.clone()
+        for wrapper_type, wrapper in ((comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, unet.diffusion_model),
+                                      (comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, unet.sampler_sample)):
+            accelerated.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)  # accelerating twice replaces
+            accelerated.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, wrapper)
+        accelerated_vae = AcceleratedVAE.sharing(vae, GraphCache("VAE decode", max_shapes, autotune_convolutions))
+
+        reasons = {reason for reason in (cuda_graph_unavailable_reason(model.load_device),
+                                         cuda_graph_unavailable_reason(vae.device)) if reason}
+        if reasons:
+            message = f"{'; '.join(sorted(reasons))}: UNet and VAE decode run eager, as without this node."
+        else:
+            message = (f"CUDA graphs on {model.load_device}: captured at the first run of each image size and "
+                       f"batch (up to {max_shapes} kept), replayed on later runs; capture times go to the log.")
+        return io.NodeOutput(accelerated, accelerated_vae, ui=ui.PreviewText(message))
+
+
+ACCELERATION_NODES = [FewStepAccelerate]

@@ -1,0 +1,150 @@
+"""FewStepAccelerate in real ComfyUI on CPU: its clean fallback, its wrappers and its weight check.
+
+CUDA graphs need a GPU; CI has none, so here every call takes the fallback path, with the node's
+wrappers and VAE override in place. The outputs must then equal the eager path's exactly: the same
+ComfyUI code computes them, so any difference is a wrapper passing something wrong. Whether graph
+replay itself matches eager (within fewstep.acceleration.RELATIVE_L2_TOLERANCE) is checked on the GPU
+by bench/gpu.py, which prints the measured error next to the timings.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lora_factory
+from graphs import PROMPT, SEED, text_and_model
+
+from comfyui_fewstep.fewstep.acceleration import (
+    RELATIVE_L2_TOLERANCE,
+    WeightSnapshot,
+    agreement,
+    cuda_graph_unavailable_reason,
+    tensor_signature,
+)
+
+IMAGE_SIZE = 64  # an 8×8 latent: what is tested is the wiring, not the arithmetic
+
+
+def accelerated_prompt(tiny, family: str, steps: int, accelerate: bool) -> dict:
+    """FewStep sampling and VAE decode; with `accelerate`, through FewStepAccelerate's MODEL and VAE."""
+    model, vae = (["accel", 0], ["accel", 1]) if accelerate else (["ckpt", 0], ["ckpt", 2])
+    prompt = {
+        **text_and_model(tiny, ""),
+        "latent_in": {"class_type": "EmptyLatentImage",
+                      "inputs": {"width": IMAGE_SIZE, "height": IMAGE_SIZE, "batch_size": 2}},
+        "sigmas": {"class_type": "FewStepScheduler",
+                   "inputs": {"model": model, "family": family, "steps": steps, "denoise": 1.0}},
+        "sampler": {"class_type": "FewStepSampler", "inputs": {"family": family}},
+        "sample": {"class_type": "SamplerCustom", "inputs": {
+            "model": model, "add_noise": True, "noise_seed": SEED, "cfg": 1.0,
+            "positive": ["pos", 0], "negative": ["neg", 0], "sampler": ["sampler", 0],
+            "sigmas": ["sigmas", 0], "latent_image": ["latent_in", 0]}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": vae}},
+        "image": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "accel"}},
+    }
+    if accelerate:
+        prompt["accel"] = {"class_type": "FewStepAccelerate", "inputs": {
+            "model": ["ckpt", 0], "vae": ["ckpt", 2], "autotune_convolutions": True, "max_shapes": 4}}
+    return prompt
+
+
+def read_images(result) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(path)) for path in result.files("image", "images")])
+
+
+@pytest.mark.parametrize("base,family,steps", [("sd15", "lcm", 4), ("sdxl", "turbo", 1)])
+def test_accelerated_graph_on_cpu_falls_back_and_equals_eager(comfy, request, base, family, steps):
+    tiny = request.getfixturevalue(base)  # SDXL also passes the ADM vector `y` through the wrapper
+    eager = comfy.run(accelerated_prompt(tiny, family, steps, accelerate=False))
+    accelerated = comfy.run(accelerated_prompt(tiny, family, steps, accelerate=True))
+
+    assert torch.equal(accelerated.latent("save"), eager.latent("save"))
+    assert np.array_equal(read_images(accelerated), read_images(eager))
+    (message,) = accelerated.outputs["accel"]["text"]
+    assert "CUDA graphs need a CUDA device" in message and "run eager" in message
+
+
+def test_accelerated_vae_decode_equals_vae_decode_in_float(comfy, sd15):
+    # SaveImage quantises to 8 bits; here the float images themselves must be identical.
+    model, _, vae = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(sd15.checkpoint_name)
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["FewStepAccelerate"]
+    _, accelerated_vae = node.execute(model=model, vae=vae).args
+    latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = vae.decode(latent)
+        ours = accelerated_vae.decode(latent)
+    assert ours.shape == expected.shape == (2, 64, 64, 3)
+    assert torch.equal(ours, expected)
+    assert accelerated_vae.decode_graphs.eager_calls == 1 and not accelerated_vae.decode_graphs.graphs
+    assert accelerated_vae.first_stage_model is vae.first_stage_model  # shares weights, no copy
+
+
+def test_node_clones_the_model_and_accelerating_twice_keeps_one_wrapper(comfy, sd15):
+    from comfy.patcher_extension import WrappersMP
+
+    model, _, vae = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(sd15.checkpoint_name)
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["FewStepAccelerate"]
+    once, once_vae = node.execute(model=model, vae=vae).args
+    twice, _ = node.execute(model=once, vae=once_vae).args
+    for wrapper_type in (WrappersMP.DIFFUSION_MODEL, WrappersMP.SAMPLER_SAMPLE):
+        assert model.get_all_wrappers(wrapper_type) == []  # the input MODEL is left as it was
+        assert len(once.get_all_wrappers(wrapper_type)) == 1
+        assert len(twice.get_all_wrappers(wrapper_type)) == 1
+    assert once.model is model.model  # a ModelPatcher clone: same weights
+
+
+def test_weight_snapshot_follows_comfyui_patching_a_lora_in_and_out(comfy, sd15, tmp_path):
+    """A graph may replay only while every weight is the tensor it captured: ComfyUI swaps in new
+    tensors when it patches a LoRA in and restores the originals when it patches it out."""
+    from comfy import model_management
+    from comfy.sd import load_lora_for_models
+    from safetensors.torch import load_file
+
+    model, _, _ = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(sd15.checkpoint_name)
+    lora_file = lora_factory.save(lora_factory.to_kohya(lora_factory.peft_lora(sd15, 4, seed=5, text_encoder=False),
+                                                        alpha=None), tmp_path, "snapshot_lora.safetensors")
+    with_lora, _ = load_lora_for_models(model, None, load_file(str(tmp_path / lora_file)), 1.0, 0.0)
+
+    model_management.load_models_gpu([model], force_full_load=True)
+    snapshot = WeightSnapshot(model.model.diffusion_model)
+    assert snapshot.unchanged()
+    model_management.load_models_gpu([with_lora], force_full_load=True)
+    assert not snapshot.unchanged()
+    model_management.load_models_gpu([model], force_full_load=True)
+    assert snapshot.unchanged()
+    model_management.unload_all_models()
+
+
+def test_node_schema_has_a_tooltip_on_every_input(comfy):
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["FewStepAccelerate"]
+    info = node.GET_SCHEMA() if hasattr(node, "GET_SCHEMA") else node.define_schema()
+    assert info.category.startswith("sampling/few-step")
+    assert [i.id for i in info.inputs] == ["model", "vae", "autotune_convolutions", "max_shapes"]
+    assert all(i.tooltip for i in info.inputs)
+
+
+def test_agreement_is_the_relative_l2_error():
+    generator = torch.Generator().manual_seed(0)
+    eager = torch.randn(2, 4, 8, 8, generator=generator)
+    accelerated = eager + 1e-3 * torch.randn(2, 4, 8, 8, generator=generator)
+    a, e = accelerated.numpy().astype(np.float64), eager.numpy().astype(np.float64)
+    measured = agreement(accelerated, eager)
+    assert measured.relative_l2 == pytest.approx(np.linalg.norm(a - e) / np.linalg.norm(e), rel=1e-12)
+    assert measured.max_abs == pytest.approx(np.abs(a - e).max(), rel=1e-12)
+    assert measured.within_tolerance
+    assert not agreement(torch.full_like(eager, float("nan")), eager).within_tolerance
+    assert not agreement(eager * (1 + 2 * RELATIVE_L2_TOLERANCE), eager).within_tolerance
+    with pytest.raises(ValueError):
+        agreement(eager[:1], eager)
+
+
+def test_signatures_and_reasons():
+    x = torch.zeros(1, 4, 8, 8)
+    assert tensor_signature(x) != tensor_signature(torch.zeros(2, 4, 8, 8))
+    assert tensor_signature(x) != tensor_signature(x.half())
+    assert tensor_signature(x) != tensor_signature(x.to(memory_format=torch.channels_last))
+    assert tensor_signature(None) is None
+    assert "CUDA device" in cuda_graph_unavailable_reason("cpu")
