@@ -10,5 +10,7 @@ WEB_DIRECTORY = "./web"
 
 async def comfy_entrypoint():
     from .nodes import FewStepExtension
+    from .nodes.routes import register_routes
 
+    register_routes()  # GET /fewstep/families for web/fewstep.js
     return FewStepExtension()

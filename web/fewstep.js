@@ -1,0 +1,266 @@
+// FewStep's frontend: when a node's few-step family changes, or a FewStep loader reports the family it
+// detected in a file, the steps / cfg / eta widgets that follow it move to the family's reference
+// values — except those the user set by hand — and a badge on the node shows the reference.
+//
+// The reference values are not kept here: GET /fewstep/families serves them from fewstep/families.py.
+// Widgets only move on a user's change of family or on a loader's `executed` message, never while a
+// workflow is loaded, so saved workflows open exactly as they were saved.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const EXTENSION_NAME = "FewStep.ReferenceDefaults";
+const FAMILIES_ROUTE = "/fewstep/families";
+// node.properties key: the names of the widgets the user set by hand; saved with the workflow.
+export const HAND_SET_PROPERTY = "fewstep_hand_set";
+const FOLLOWING_WIDGETS = ["steps", "cfg", "eta"];
+const SETTINGS_TYPE = "FEWSTEP_SETTINGS";
+const DETECT = "detect"; // FewStepLoraLoader's "read the family from the file"
+const ETA_FROM_FAMILY = -1; // the eta inputs' "use the family's reference" (nodes/sampling.py)
+// ComfyUI's own nodes whose cfg follows the FewStep sampler feeding their `sampler` input.
+const CFG_FOLLOWERS = new Set(["SamplerCustom"]);
+
+let families = null;
+const familiesReady = api
+  .fetchApi(FAMILIES_ROUTE)
+  .then((response) => {
+    if (!response.ok) throw new Error(`${FAMILIES_ROUTE}: HTTP ${response.status}`);
+    return response.json();
+  })
+  .then((payload) => {
+    families = payload.families;
+    return families;
+  })
+  .catch((error) => {
+    console.warn(`[FewStep] reference settings unavailable, widgets will not follow the family: ${error}`);
+    return null;
+  });
+
+const classOf = (node) => node?.comfyClass ?? node?.type;
+const isFewStep = (node) => classOf(node)?.startsWith("FewStep") ?? false;
+const widgetNamed = (node, name) => node?.widgets?.find((widget) => widget.name === name);
+const isLoader = (node) => isFewStep(node) && (node.outputs ?? []).some((output) => output.type === SETTINGS_TYPE);
+const formatNumber = (value) => String(Number(Number(value).toFixed(3)));
+
+function graphLink(graph, linkId) {
+  if (linkId == null || !graph) return null;
+  return graph.getLink?.(linkId) ?? graph.links?.get?.(linkId) ?? graph.links?.[linkId] ?? null;
+}
+
+// The nodes fed by `node`'s outputs of `type`.
+function nodesFedBy(node, type) {
+  const fed = [];
+  for (const output of node.outputs ?? []) {
+    if (output.type !== type) continue;
+    for (const linkId of output.links ?? []) {
+      const target = node.graph?.getNodeById(graphLink(node.graph, linkId)?.target_id);
+      if (target && !fed.includes(target)) fed.push(target);
+    }
+  }
+  return fed;
+}
+
+// The node feeding `node`'s input of `type`, if any.
+function nodeFeeding(node, type) {
+  const input = (node.inputs ?? []).find((slot) => slot.type === type && slot.link != null);
+  const link = graphLink(node.graph, input?.link);
+  return link ? node.graph.getNodeById(link.origin_id) : null;
+}
+
+// A widget converted to an input and linked takes its value from the link, not from us.
+const widgetIsLinked = (node, name) =>
+  (node.inputs ?? []).some((slot) => slot.widget?.name === name && slot.link != null);
+
+function handSet(node) {
+  return new Set(node.properties?.[HAND_SET_PROPERTY] ?? []);
+}
+
+function setHandSet(node, names) {
+  node.properties ??= {};
+  if (names.size) node.properties[HAND_SET_PROPERTY] = [...names].sort();
+  else delete node.properties[HAND_SET_PROPERTY];
+}
+
+// The family a node samples with: a connected loader's (its explicit family, else what it detected
+// in the file the last time it ran), else the node's own family widget — as resolve_family does.
+function effectiveReference(node) {
+  const loader = nodeFeeding(node, SETTINGS_TYPE);
+  if (loader) {
+    const chosen = widgetNamed(loader, "family")?.value;
+    if (chosen && chosen !== DETECT && families?.[chosen]) return { family: chosen, settings: null, loader };
+    if (loader.fewstepDetected?.family) return { family: loader.fewstepDetected.family, settings: loader.fewstepDetected, loader };
+  }
+  if (CFG_FOLLOWERS.has(classOf(node))) {
+    const sampler = nodeFeeding(node, "SAMPLER");
+    return isFewStep(sampler) ? effectiveReference(sampler) : null;
+  }
+  const family = widgetNamed(node, "family")?.value;
+  return family && families?.[family] ? { family, settings: null, loader: null } : null;
+}
+
+// The reference value of each following widget for a family (a loader's detected settings win: a
+// 4-step Hyper-SD LoRA says 4 steps where the family's default is 8).
+export function referenceValues(family, settings) {
+  const definition = families?.[family];
+  if (!definition) return null;
+  return {
+    steps: settings?.steps ?? definition.default_steps,
+    cfg: settings?.cfg ?? definition.default_cfg,
+    eta: settings?.eta ?? definition.default_eta ?? ETA_FROM_FAMILY,
+  };
+}
+
+export function referenceText(family, settings) {
+  const values = referenceValues(family, settings);
+  if (!values) return "";
+  const definition = families[family];
+  const parts = [`${values.steps} step${values.steps === 1 ? "" : "s"}`, `cfg ${formatNumber(values.cfg)}`];
+  if (values.eta !== ETA_FROM_FAMILY) parts.push(`eta ${formatNumber(values.eta)}`);
+  if (definition.only_steps) parts[0] += " only";
+  return `${family}: ${parts.join(", ")}`;
+}
+
+function refreshBadge(node) {
+  const reference = effectiveReference(node);
+  const text = reference && isFewStep(node) ? referenceText(reference.family, reference.settings) : "";
+  if (node.fewstepReference === text) return;
+  node.fewstepReference = text;
+  node.fewstepBadge = text && window.LGraphBadge
+    ? new window.LGraphBadge({ text, fgColor: "#dfe8ff", bgColor: "#2b4a7a" })
+    : null;
+  node.setDirtyCanvas?.(true, true);
+}
+
+function refreshBadgesFrom(node) {
+  refreshBadge(node);
+  for (const fed of nodesFedBy(node, SETTINGS_TYPE)) refreshBadge(fed);
+}
+
+function setWidget(node, name, value) {
+  const widget = widgetNamed(node, name);
+  if (!widget || value == null || widgetIsLinked(node, name) || handSet(node).has(name)) return false;
+  const { min, max } = widget.options ?? {};
+  if ((min != null && value < min) || (max != null && value > max)) return false;
+  if (widget.value === value) return false;
+  widget.value = value;
+  return true;
+}
+
+// Move `node`'s following widgets (and the cfg of the SamplerCustom its sampler feeds) to the reference.
+function moveToReference(node, family, settings) {
+  const values = referenceValues(family, settings);
+  if (!values) return;
+  for (const name of FOLLOWING_WIDGETS) setWidget(node, name, values[name]);
+  for (const follower of nodesFedBy(node, "SAMPLER")) {
+    if (CFG_FOLLOWERS.has(classOf(follower))) setWidget(follower, "cfg", values.cfg);
+  }
+  refreshBadge(node);
+  node.setDirtyCanvas?.(true, true);
+}
+
+// A loader's family (chosen, or detected in the file) reaches the nodes its settings output feeds:
+// their family widget shows it, as their execute() uses it, and their widgets move to its reference.
+function followLoader(loader, family, settings) {
+  refreshBadge(loader);
+  for (const fed of nodesFedBy(loader, SETTINGS_TYPE)) {
+    if (!isFewStep(fed)) continue;
+    const familyWidget = widgetNamed(fed, "family");
+    if (familyWidget && families?.[family]) familyWidget.value = family;
+    moveToReference(fed, family, settings);
+  }
+}
+
+function onFamilyChosen(node, family) {
+  if (isLoader(node)) {
+    if (family !== DETECT) followLoader(node, family, null);
+    else refreshBadgesFrom(node);
+    return;
+  }
+  const reference = effectiveReference(node);
+  // With a loader connected its family wins (resolve_family); the widget's value is not used.
+  if (reference?.loader) refreshBadge(node);
+  else moveToReference(node, family, null);
+}
+
+// Record a hand change of a following widget; setting it back to the reference lets it follow again.
+function onFollowingWidgetChanged(node, name, value) {
+  const reference = effectiveReference(node);
+  if (!reference && !isFewStep(node)) return; // a SamplerCustom not fed by a FewStep sampler
+  const names = handSet(node);
+  const referenceValue = reference ? referenceValues(reference.family, reference.settings)?.[name] : undefined;
+  if (referenceValue != null && Number(value) === Number(referenceValue)) names.delete(name);
+  else names.add(name);
+  setHandSet(node, names);
+}
+
+function wrapCallback(widget, after) {
+  const original = widget.callback;
+  widget.callback = function (value, ...rest) {
+    const result = original?.apply(this, [value, ...rest]);
+    try {
+      after(widget.value);
+    } catch (error) {
+      console.error("[FewStep]", error);
+    }
+    return result;
+  };
+}
+
+function watchNode(node) {
+  const follows = isFewStep(node) || CFG_FOLLOWERS.has(classOf(node));
+  if (!follows || node.fewstepWatched) return;
+  node.fewstepWatched = true;
+  const familyWidget = isFewStep(node) ? widgetNamed(node, "family") : null;
+  if (familyWidget) {
+    wrapCallback(familyWidget, (value) => familiesReady.then(() => onFamilyChosen(node, value)));
+  }
+  for (const name of FOLLOWING_WIDGETS) {
+    const widget = widgetNamed(node, name);
+    if (widget) wrapCallback(widget, (value) => onFollowingWidgetChanged(node, name, value));
+  }
+  if (isFewStep(node)) {
+    node.badges ??= [];
+    node.badges.push(() => node.fewstepBadge ?? new window.LGraphBadge({ text: "" }));
+    const onConnectionsChange = node.onConnectionsChange;
+    node.onConnectionsChange = function (...args) {
+      const result = onConnectionsChange?.apply(this, args);
+      if (families) refreshBadgesFrom(node);
+      return result;
+    };
+  }
+  familiesReady.then(() => refreshBadge(node));
+}
+
+// Where ComfyUI's `executed` message names a node: its id, or a subgraph path "outer:inner".
+function nodeByExecutionId(id) {
+  let graph = app.rootGraph ?? app.graph;
+  let node = null;
+  for (const part of String(id).split(":")) {
+    node = graph?.getNodeById(Number(part)) ?? graph?.getNodeById(part);
+    graph = node?.subgraph;
+  }
+  return node;
+}
+
+app.registerExtension({
+  name: EXTENSION_NAME,
+  async setup() {
+    await familiesReady;
+    api.addEventListener("executed", ({ detail }) => {
+      const settings = detail?.output?.fewstep_settings?.[0];
+      if (!settings) return;
+      const loader = nodeByExecutionId(detail.display_node ?? detail.node);
+      if (!loader) return;
+      loader.fewstepDetected = settings;
+      if (settings.family && families?.[settings.family]) followLoader(loader, settings.family, settings);
+      else refreshBadgesFrom(loader);
+    });
+    for (const node of (app.rootGraph ?? app.graph)?.nodes ?? []) refreshBadge(node);
+  },
+  nodeCreated(node) {
+    watchNode(node);
+  },
+  loadedGraphNode(node) {
+    watchNode(node);
+    familiesReady.then(() => refreshBadge(node));
+  },
+});
