@@ -329,6 +329,45 @@ def build_sdxl(models_dir: Path) -> TinyModel:
     return _install("sdxl", _build_sdxl_files, models_dir, SDXL_LATENT_SCALE)
 
 
+def controlnet_to_ldm(controlnet_state_dict: dict, ldm_config: dict) -> dict:
+    """A diffusers ControlNetModel's weights in the ldm ControlNet layout (zero_convs, input_hint_block,
+    middle_block_out), the one ComfyUI reads for any size: its diffusers-layout path matches only the
+    full-size configs."""
+    import comfy.utils
+
+    names = comfy.utils.unet_to_diffusers(ldm_config)
+    names["controlnet_mid_block.weight"], names["controlnet_mid_block.bias"] = (
+        "middle_block_out.0.weight", "middle_block_out.0.bias")
+    hint_blocks = 1 + len({k.split(".")[2] for k in controlnet_state_dict
+                           if k.startswith("controlnet_cond_embedding.blocks.")})
+    for suffix in (".weight", ".bias"):
+        names[f"controlnet_cond_embedding.conv_in{suffix}"] = f"input_hint_block.0{suffix}"
+        for index in range(hint_blocks - 1):
+            names[f"controlnet_cond_embedding.blocks.{index}{suffix}"] = f"input_hint_block.{2 * (index + 1)}{suffix}"
+        names[f"controlnet_cond_embedding.conv_out{suffix}"] = f"input_hint_block.{2 * hint_blocks}{suffix}"
+        for index in range(len([k for k in controlnet_state_dict if k.startswith("controlnet_down_blocks.")]) // 2):
+            names[f"controlnet_down_blocks.{index}{suffix}"] = f"zero_convs.{index}.0{suffix}"
+    missing = set(controlnet_state_dict) - set(names)
+    if missing:
+        raise RuntimeError(f"no ldm key for {sorted(missing)[:5]}")
+    return {names[k]: v for k, v in controlnet_state_dict.items()}
+
+
+def build_controlnet(tiny: TinyModel, path: Path) -> None:
+    """A ControlNet for the tiny model (diffusers' ControlNetModel.from_unet, weights perturbed so its
+    zero-initialised outputs act), saved in the ldm ControlNet layout at `path`."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    with torch.inference_mode(False), torch.no_grad():
+        unet = UNet2DConditionModel.from_pretrained(str(tiny.diffusers_dir / "unet"))
+        controlnet = ControlNetModel.from_unet(unet)
+        perturb_(controlnet, torch.Generator().manual_seed(SEED + 2))
+        ldm_config = SDXL_LDM_CONFIG if tiny.base == "sdxl" else SD15_LDM_CONFIG
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        _save(controlnet_to_ldm(controlnet.state_dict(), ldm_config), partial)
+        partial.rename(path)
+
+
 if __name__ == "__main__":
     # Prebuild the cache (e.g. in a CI step): python tests/tiny_models.py MODELS_DIR
     import sys

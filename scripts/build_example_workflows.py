@@ -1,0 +1,409 @@
+"""Write example_workflows/*.json: one UI-format workflow per family at its model card's settings.
+
+    python scripts/build_example_workflows.py
+
+Each workflow is described below by its nodes, widget values and links; the JSON (the frontend's
+LiteGraph format, version 0.4) is laid out from a real ComfyUI server's /object_info, so the widget
+order, slot indices and types are the ones the frontend itself would save. Run it again after a
+node's inputs change, and commit the JSON it writes.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PACK_ROOT / "tests"))
+import conftest  # noqa: E402,F401 — registers the pack as the `comfyui_fewstep` package
+from comfy_harness import COMFYUI_MISSING, ComfyServer, find_comfyui  # noqa: E402
+
+OUT_DIR = PACK_ROOT / "example_workflows"
+SEED = 42
+UI_ONLY = {"MarkdownNote": ["text"]}  # frontend-only nodes: their widgets, as the frontend saves them
+
+SD15 = "v1-5-pruned-emaonly.safetensors"
+SDXL = "sd_xl_base_1.0.safetensors"
+SDXL_TURBO = "sd_xl_turbo_1.0_fp16.safetensors"
+FOX = "a cinematic photo of a red fox in the snow, golden hour, highly detailed"
+
+
+@dataclass
+class N:
+    """A node: its key in the description, class, widget values and links {input: (node key, output)}."""
+
+    key: str
+    type: str
+    widgets: dict = field(default_factory=dict)
+    links: dict = field(default_factory=dict)
+    column: int = 0
+    title: str | None = None
+    width: int = 320
+
+
+@dataclass
+class Workflow:
+    name: str
+    note: str
+    nodes: list[N]
+
+
+def note(text: str) -> N:
+    return N("note", "MarkdownNote", {"text": text}, column=0, width=420)
+
+
+def sdxl_text(clip_from: str, positive: str = FOX, column: int = 1) -> list[N]:
+    return [
+        N("pos", "CLIPTextEncode", {"text": positive}, {"clip": (clip_from, "CLIP")}, column, "Positive", 400),
+        N("neg", "CLIPTextEncode", {"text": ""}, {"clip": (clip_from, "CLIP")}, column,
+          "Negative (no effect at cfg 1)", 400),
+    ]
+
+
+def custom_sampling(family: str, steps: int, model_from: tuple, latent_from: tuple, cfg: float = 1.0,
+                    denoise: float = 1.0, settings_from: tuple | None = None, eta: float = -1.0,
+                    column: int = 2, vae_from: tuple = ("ckpt", "VAE"), prefix: str = "FewStep") -> list[N]:
+    """FewStepScheduler + FewStepSampler in ComfyUI's SamplerCustom, then decode and save."""
+    settings = {"settings": settings_from} if settings_from else {}
+    return [
+        N("sigmas", "FewStepScheduler", {"family": family, "steps": steps, "denoise": denoise},
+          {"model": model_from, **settings}, column),
+        N("sampler", "FewStepSampler", {"family": family, "eta": eta}, settings, column),
+        N("sample", "SamplerCustom", {"add_noise": True, "noise_seed": SEED, "cfg": cfg},
+          {"model": model_from, "positive": ("pos", 0), "negative": ("neg", 0), "sampler": ("sampler", 0),
+           "sigmas": ("sigmas", 0), "latent_image": latent_from}, column + 1),
+        N("decode", "VAEDecode", {}, {"samples": ("sample", 0), "vae": vae_from}, column + 2),
+        N("save", "SaveImage", {"filename_prefix": prefix}, {"images": ("decode", 0)}, column + 2, width=400),
+    ]
+
+
+def empty_latent(size: int, column: int = 1) -> N:
+    return N("latent", "EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, {}, column)
+
+
+def lora_graph(name: str, checkpoint: str, lora: str, family: str, steps: int, size: int, card: str,
+               cfg: float = 1.0, eta: float = -1.0) -> Workflow:
+    """A base checkpoint with a few-step LoRA; the loader's detected settings drive the sampling nodes."""
+    return Workflow(name, card, [
+        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": checkpoint}, column=0),
+        N("lora", "FewStepLoraLoader", {"lora_name": lora, "strength_model": 1.0, "strength_clip": 1.0,
+                                        "family": "detect"},
+          {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")}, 0),
+        *sdxl_text("lora"),
+        empty_latent(size),
+        *custom_sampling(family, steps, ("lora", "MODEL"), ("latent", 0), cfg=cfg, eta=eta,
+                         settings_from=("lora", "settings"), prefix=f"FewStep/{name}"),
+    ])
+
+
+def download(lines: list[str]) -> str:
+    return "\n".join(f"- {line}" for line in lines)
+
+
+WORKFLOWS = [
+    lora_graph(
+        "lcm_lora_sd15_4step", SD15, "lcm-lora-sdv1-5.safetensors", "lcm", 4, 512,
+        "## LCM-LoRA · SD1.5 · 4 steps\n\nThe latent-consistency/lcm-lora-sdv1-5 card: LCMScheduler, 4 steps, "
+        "guidance 1 (LCM-LoRA takes cfg 1–2; above 1 the negative prompt counts), 512².\n\n"
+        + download([f"`models/checkpoints/{SD15}` — any SD1.5 checkpoint",
+                    "`models/loras/lcm-lora-sdv1-5.safetensors` — latent-consistency/lcm-lora-sdv1-5 "
+                    "(pytorch_lora_weights.safetensors, renamed)"]),
+    ),
+    lora_graph(
+        "lcm_lora_sdxl_4step", SDXL, "lcm-lora-sdxl.safetensors", "lcm", 4, 1024,
+        "## LCM-LoRA · SDXL · 4 steps\n\nThe latent-consistency/lcm-lora-sdxl card: LCMScheduler, 4 steps, "
+        "guidance 1, 1024².\n\n"
+        + download([f"`models/checkpoints/{SDXL}` — stabilityai/stable-diffusion-xl-base-1.0",
+                    "`models/loras/lcm-lora-sdxl.safetensors` — latent-consistency/lcm-lora-sdxl "
+                    "(pytorch_lora_weights.safetensors, renamed)"]),
+    ),
+    Workflow("sdxl_turbo_1step_txt2img",
+             "## SDXL-Turbo · 1 step · text to image\n\nThe stabilityai/sdxl-turbo card: EulerAncestral with "
+             "trailing timesteps (t = 999), 1 step, guidance 0 (cfg 1), 512² — the resolution it was "
+             "distilled at.\n\n" + download([f"`models/checkpoints/{SDXL_TURBO}` — stabilityai/sdxl-turbo"]), [
+                 N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SDXL_TURBO}, column=0),
+                 *sdxl_text("ckpt"),
+                 empty_latent(512),
+                 *custom_sampling("turbo", 1, ("ckpt", "MODEL"), ("latent", 0), prefix="FewStep/sdxl_turbo"),
+             ]),
+    Workflow("sdxl_turbo_2step_img2img",
+             "## SDXL-Turbo · image to image · 2 steps at denoise 0.5\n\nThe sdxl-turbo card's img2img: "
+             "strength 0.5 with 2 steps runs int(2 × 0.5) = 1 step, at t = 499 (steps × denoise must be "
+             "≥ 1). Load your own picture in Load Image; it is scaled to 512².\n\n"
+             + download([f"`models/checkpoints/{SDXL_TURBO}` — stabilityai/sdxl-turbo"]), [
+                 N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SDXL_TURBO}, column=0),
+                 N("image", "LoadImage", {"image": "fewstep_input.png"}, column=0),
+                 *sdxl_text("ckpt", "a cat wizard, detailed, 8k"),
+                 N("scale", "ImageScale", {"upscale_method": "lanczos", "width": 512, "height": 512,
+                                           "crop": "center"}, {"image": ("image", "IMAGE")}, 1),
+                 N("encode", "VAEEncode", {}, {"pixels": ("scale", 0), "vae": ("ckpt", "VAE")}, 1),
+                 *custom_sampling("turbo", 2, ("ckpt", "MODEL"), ("encode", 0), denoise=0.5,
+                                  prefix="FewStep/sdxl_turbo_img2img"),
+             ]),
+    lora_graph(
+        "sdxl_lightning_4step_lora", SDXL, "sdxl_lightning_4step_lora.safetensors", "lightning", 4, 1024,
+        "## SDXL-Lightning · 4-step LoRA\n\nThe ByteDance/SDXL-Lightning card: EulerDiscrete with trailing "
+        "timesteps (999, 749, 499, 249), guidance 0 (cfg 1), 1024².\n\n"
+        + download([f"`models/checkpoints/{SDXL}` — stabilityai/stable-diffusion-xl-base-1.0",
+                    "`models/loras/sdxl_lightning_4step_lora.safetensors` — ByteDance/SDXL-Lightning"]),
+    ),
+    Workflow("sdxl_lightning_1step_unet",
+             "## SDXL-Lightning · 1-step UNet (x0)\n\nThe 1-step UNet predicts x₀: Few-Step UNet Loader reads "
+             "that from its name and sets the model up for it; sampled with Euler at t = 999, cfg 1, 1024². "
+             "The SDXL base checkpoint supplies the text encoders and VAE.\n\n"
+             + download([f"`models/checkpoints/{SDXL}` — stabilityai/stable-diffusion-xl-base-1.0",
+                         "`models/diffusion_models/sdxl_lightning_1step_unet_x0.safetensors` — "
+                         "ByteDance/SDXL-Lightning"]), [
+                 N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SDXL}, column=0),
+                 N("unet", "FewStepUNetLoader", {"unet_name": "sdxl_lightning_1step_unet_x0.safetensors",
+                                                 "family": "detect"}, column=0),
+                 *sdxl_text("ckpt"),
+                 empty_latent(1024),
+                 *custom_sampling("lightning", 1, ("unet", "MODEL"), ("latent", 0),
+                                  settings_from=("unet", "settings"), prefix="FewStep/sdxl_lightning_1step"),
+             ]),
+    lora_graph(
+        "hyper_sdxl_1step_lora", SDXL, "Hyper-SDXL-1step-lora.safetensors", "hyper_sd_1step", 1, 1024,
+        "## Hyper-SD · SDXL 1-step LoRA\n\nThe ByteDance/Hyper-SD card for the 1-step LoRA: TCDScheduler "
+        "with eta (gamma) 1.0, 1 step, guidance 0 (cfg 1), 1024². Lower eta for more detail.\n\n"
+        + download([f"`models/checkpoints/{SDXL}` — stabilityai/stable-diffusion-xl-base-1.0",
+                    "`models/loras/Hyper-SDXL-1step-lora.safetensors` — ByteDance/Hyper-SD"]),
+    ),
+    lora_graph(
+        "hyper_sdxl_8step_lora", SDXL, "Hyper-SDXL-8steps-lora.safetensors", "hyper_sd", 8, 1024,
+        "## Hyper-SD · SDXL 8-step LoRA\n\nThe ByteDance/Hyper-SD card: DDIMScheduler with trailing "
+        "timesteps, 8 steps, guidance 0 (cfg 1), 1024². The CFG variants "
+        "(Hyper-SDXL-8steps-CFG-lora) take cfg 5–8 with a negative prompt.\n\n"
+        + download([f"`models/checkpoints/{SDXL}` — stabilityai/stable-diffusion-xl-base-1.0",
+                    "`models/loras/Hyper-SDXL-8steps-lora.safetensors` — ByteDance/Hyper-SD"]),
+    ),
+    lora_graph(
+        "tcd_sdxl_4step_lora", SDXL, "TCD-SDXL-LoRA.safetensors", "tcd", 4, 1024,
+        "## TCD · SDXL LoRA · 4 steps\n\nThe h1t/TCD-SDXL-LoRA card: TCDScheduler, 4 steps, eta (gamma) "
+        "0.3, guidance 0 (cfg 1), 1024². Higher eta: less detail, more stability.\n\n"
+        + download([f"`models/checkpoints/{SDXL}` — stabilityai/stable-diffusion-xl-base-1.0",
+                    "`models/loras/TCD-SDXL-LoRA.safetensors` — h1t/TCD-SDXL-LoRA "
+                    "(pytorch_lora_weights.safetensors, renamed)"]),
+    ),
+    lora_graph(
+        "dmd2_sdxl_4step_lora", SDXL, "dmd2_sdxl_4step_lora.safetensors", "dmd2", 4, 1024,
+        "## DMD2 · SDXL 4-step LoRA\n\nThe tianweiy/DMD2 card: LCMScheduler at timesteps 999, 749, 499, "
+        "249, guidance 0 (cfg 1), 1024².\n\n"
+        + download([f"`models/checkpoints/{SDXL}` — stabilityai/stable-diffusion-xl-base-1.0",
+                    "`models/loras/dmd2_sdxl_4step_lora.safetensors` — tianweiy/DMD2"]),
+    ),
+    Workflow("hyper_sdxl_1step_unet",
+             "## Hyper-SD · SDXL 1-step UNet\n\nThe ByteDance/Hyper-SD card for Hyper-SDXL-1step-Unet: "
+             "LCMScheduler at timestep 800 (not 999), 1 step, guidance 0 (cfg 1), 1024². The SDXL base "
+             "checkpoint supplies the text encoders and VAE.\n\n"
+             + download([f"`models/checkpoints/{SDXL}` — stabilityai/stable-diffusion-xl-base-1.0",
+                         "`models/diffusion_models/Hyper-SDXL-1step-Unet.safetensors` — ByteDance/Hyper-SD"]), [
+                 N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SDXL}, column=0),
+                 N("unet", "FewStepUNetLoader", {"unet_name": "Hyper-SDXL-1step-Unet.safetensors",
+                                                 "family": "detect"}, column=0),
+                 *sdxl_text("ckpt"),
+                 empty_latent(1024),
+                 *custom_sampling("hyper_sd_1step_unet", 1, ("unet", "MODEL"), ("latent", 0),
+                                  settings_from=("unet", "settings"), prefix="FewStep/hyper_sdxl_1step_unet"),
+             ]),
+    Workflow("sdxl_lightning_4step_controlnet_canny",
+             "## SDXL-Lightning 4-step LoRA · with a Canny ControlNet\n\nSDXL-Lightning's settings (Euler, "
+             "trailing, 4 steps, cfg 1, 1024²) with ComfyUI's own ControlNet nodes: the edges of the "
+             "picture in Load Image guide the layout.\n\n"
+             + download([f"`models/checkpoints/{SDXL}` — stabilityai/stable-diffusion-xl-base-1.0",
+                         "`models/loras/sdxl_lightning_4step_lora.safetensors` — ByteDance/SDXL-Lightning",
+                         "`models/controlnet/controlnet-canny-sdxl-1.0.safetensors` — "
+                         "diffusers/controlnet-canny-sdxl-1.0 (diffusion_pytorch_model.safetensors, renamed)"]), [
+                 N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SDXL}, column=0),
+                 N("lora", "FewStepLoraLoader", {"lora_name": "sdxl_lightning_4step_lora.safetensors",
+                                                 "strength_model": 1.0, "strength_clip": 1.0, "family": "detect"},
+                   {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")}, 0),
+                 N("image", "LoadImage", {"image": "fewstep_input.png"}, column=0),
+                 N("controlnet", "ControlNetLoader",
+                   {"control_net_name": "controlnet-canny-sdxl-1.0.safetensors"}, column=0),
+                 *sdxl_text("lora"),
+                 N("canny", "Canny", {"low_threshold": 0.4, "high_threshold": 0.8}, {"image": ("image", "IMAGE")}, 1),
+                 empty_latent(1024),
+                 N("apply", "ControlNetApplyAdvanced", {"strength": 0.7, "start_percent": 0.0, "end_percent": 1.0},
+                   {"positive": ("pos", 0), "negative": ("neg", 0), "control_net": ("controlnet", 0),
+                    "image": ("canny", 0), "vae": ("ckpt", "VAE")}, 2),
+                 *[node if node.key != "sample" else N(
+                     "sample", "SamplerCustom", node.widgets,
+                     {**node.links, "positive": ("apply", 0), "negative": ("apply", 1)}, 4)
+                   for node in custom_sampling("lightning", 4, ("lora", "MODEL"), ("latent", 0),
+                                               settings_from=("lora", "settings"), column=3,
+                                               prefix="FewStep/sdxl_lightning_controlnet")],
+             ]),
+    Workflow("fewstep_ksampler_sdxl_lightning_4step",
+             "## One node: Few-Step KSampler\n\nWired like ComfyUI's KSampler: the LoRA loader detects "
+             "SDXL-Lightning 4-step from the file and the sampler follows its card (Euler, trailing, "
+             "4 steps, cfg 1). Swap in any few-step LoRA — the family follows the file.\n\n"
+             + download([f"`models/checkpoints/{SDXL}` — stabilityai/stable-diffusion-xl-base-1.0",
+                         "`models/loras/sdxl_lightning_4step_lora.safetensors` — ByteDance/SDXL-Lightning"]), [
+                 N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SDXL}, column=0),
+                 N("lora", "FewStepLoraLoader", {"lora_name": "sdxl_lightning_4step_lora.safetensors",
+                                                 "strength_model": 1.0, "strength_clip": 1.0, "family": "detect"},
+                   {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")}, 0),
+                 *sdxl_text("lora"),
+                 empty_latent(1024),
+                 N("sample", "FewStepKSampler",
+                   {"seed": SEED, "family": "lightning", "steps": 4, "cfg": 1.0, "denoise": 1.0, "eta": -1.0},
+                   {"model": ("lora", "MODEL"), "positive": ("pos", 0), "negative": ("neg", 0),
+                    "latent_image": ("latent", 0), "settings": ("lora", "settings")}, 2),
+                 N("decode", "VAEDecode", {}, {"samples": ("sample", 0), "vae": ("ckpt", "VAE")}, 3),
+                 N("save", "SaveImage", {"filename_prefix": "FewStep/fewstep_ksampler"}, {"images": ("decode", 0)},
+                   3, width=400),
+             ]),
+]
+
+
+# --- Layout -----------------------------------------------------------------------------------
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SLOT_HEIGHT, WIDGET_HEIGHT, TITLE_HEIGHT, COLUMN_GAP, ROW_GAP = 22, 26, 30, 60, 50
+
+
+def _inputs_in_order(info: dict) -> list[tuple[str, list]]:
+    order = info.get("input_order") or {k: list(v) for k, v in info["input"].items()}
+    return [(name, info["input"][category][name]) for category in ("required", "optional")
+            for name in order.get(category, [])]
+
+
+def _is_widget(spec: list) -> bool:
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+
+def _default(spec: list):
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if "default" in options:
+        return options["default"]
+    if isinstance(spec[0], list):
+        return spec[0][0]
+    if spec[0] == "COMBO":
+        return options.get("options", [""])[0]
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[spec[0]]
+
+
+def _output_index(info: dict, output) -> int:
+    if isinstance(output, int):
+        return output
+    names = info.get("output_name") or info["output"]
+    if output in names:
+        return list(names).index(output)
+    return list(info["output"]).index(output)
+
+
+def build(workflow: Workflow, object_info: dict) -> dict:
+    ids = {node.key: index + 1 for index, node in enumerate([note(workflow.note), *workflow.nodes])}
+    nodes, links = [], []
+    all_nodes = [note(workflow.note), *workflow.nodes]
+    outgoing: dict[tuple[int, int], list[int]] = {}
+    incoming: dict[int, dict[str, tuple[int, str]]] = {}
+
+    for node in all_nodes:
+        if node.type in UI_ONLY:
+            continue
+        info = object_info[node.type]
+        for input_name, (source_key, output) in node.links.items():
+            source_info = object_info[all_nodes[ids[source_key] - 1].type]
+            slot = _output_index(source_info, output)
+            link_id = len(links) + 1
+            link_type = source_info["output"][slot]
+            links.append([link_id, ids[source_key], slot, ids[node.key], None, link_type])
+            outgoing.setdefault((ids[source_key], slot), []).append(link_id)
+            incoming.setdefault(ids[node.key], {})[input_name] = (link_id, link_type)
+
+    column_y: dict[int, int] = {}
+    column_width: dict[int, int] = {}
+    for node in all_nodes:
+        column_width[node.column] = max(column_width.get(node.column, 0), node.width)
+    column_x, x = {}, 0
+    for column in sorted(column_width):
+        column_x[column] = x
+        x += column_width[column] + COLUMN_GAP
+
+    for order, node in enumerate(all_nodes):
+        node_id = ids[node.key]
+        inputs, values, widget_rows = [], [], 0
+        if node.type in UI_ONLY:
+            values = [node.widgets[name] for name in UI_ONLY[node.type]]
+            outputs, height = [], 60 + 18 * node.widgets["text"].count("\n") + 18 * (len(node.widgets["text"]) // 60)
+        else:
+            info = object_info[node.type]
+            unknown = set(node.widgets) | set(node.links)
+            for name, spec in _inputs_in_order(info):
+                unknown.discard(name)
+                if _is_widget(spec):
+                    value = node.widgets[name] if name in node.widgets else _default(spec)
+                    values.append(value)
+                    widget_rows += 3 if spec[0] == "STRING" and (spec[1] or {}).get("multiline") else 1
+                    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                    if options.get("control_after_generate") or (spec[0] == "INT" and name in ("seed", "noise_seed")):
+                        values.append("fixed")
+                        widget_rows += 1
+                    if options.get("image_upload"):
+                        values.append("image")
+                        widget_rows += 1
+                elif name in incoming.get(node_id, {}):
+                    link_id, link_type = incoming[node_id][name]
+                    inputs.append({"name": name, "type": spec[0], "link": link_id})
+                    links[link_id - 1][4] = len(inputs) - 1
+                else:  # an unconnected socket, listed as the frontend lists it
+                    inputs.append({"name": name, "type": spec[0], "link": None})
+            if unknown:
+                raise SystemExit(f"{workflow.name}: {node.type} has no input(s) {sorted(unknown)}")
+            names = info.get("output_name") or info["output"]
+            outputs = [{"name": names[slot], "type": kind, "links": outgoing.get((node_id, slot), []),
+                        "slot_index": slot} for slot, kind in enumerate(info["output"])]
+            slots = max(len(inputs), len(outputs))
+            height = TITLE_HEIGHT + SLOT_HEIGHT * slots + WIDGET_HEIGHT * widget_rows + 10
+            if node.type == "LoadImage":
+                height += 260  # the image preview
+            if node.type == "SaveImage":
+                height += 340
+        y = column_y.get(node.column, 0)
+        column_y[node.column] = y + height + ROW_GAP
+        entry = {
+            "id": node_id, "type": node.type, "pos": [column_x[node.column], y], "size": [node.width, height],
+            "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+            "properties": {"Node name for S&R": node.type} if node.type not in UI_ONLY else {},
+            "widgets_values": values,
+        }
+        if node.title or node.type in UI_ONLY:
+            entry["title"] = node.title or "About this workflow"
+        nodes.append(entry)
+
+    return {
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-fewstep/{workflow.name}")),
+        "revision": 0,
+        "last_node_id": len(nodes),
+        "last_link_id": len(links),
+        "nodes": nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}},
+        "version": 0.4,
+    }
+
+
+def main() -> int:
+    comfyui = find_comfyui()
+    if comfyui is None:
+        print(COMFYUI_MISSING.replace("ComfyUI-bound tests skipped", "cannot build the workflows"), file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as base, ComfyServer(comfyui, Path(base)) as server:
+        object_info = server.get("/object_info")
+    OUT_DIR.mkdir(exist_ok=True)
+    for workflow in WORKFLOWS:
+        path = OUT_DIR / f"{workflow.name}.json"
+        path.write_text(json.dumps(build(workflow, object_info), indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {path.relative_to(PACK_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

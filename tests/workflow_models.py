@@ -1,0 +1,118 @@
+"""Tiny stand-ins for the published model files the example workflows name, under those very names.
+
+The workflows name the files people download (sd_xl_base_1.0.safetensors,
+sdxl_lightning_4step_lora.safetensors, …). None can be downloaded here, so each named file is put in
+a ComfyUI base directory's models folders as a link to a tiny random-weight file of the same base
+(SD1.5 or SDXL family) and kind, in a real layout: the workflow runs unchanged, and the loaders still
+detect the family from the published name. Images a LoadImage node names become a fixed noise PNG.
+
+ComfyUI must be importable (the tiny models are built with its key maps).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+import lora_factory
+import tiny_models
+
+# EmptyLatentImage width/height (pixels) the CPU runs use: SDXL-sized latents would cost minutes of
+# VAE decode per workflow on 2 cores; the sampling maths does not depend on the size.
+CPU_TEST_SIZE = 128
+
+# ComfyUI input name → models folder
+MODEL_INPUTS = {
+    "ckpt_name": "checkpoints",
+    "unet_name": "diffusion_models",
+    "lora_name": "loras",
+    "control_net_name": "controlnet",
+}
+SDXL_MARKS = ("xl", "dmd2", "lightning", "koala", "vega", "ssd-1b")
+
+
+def base_of(published_name: str) -> str:
+    """"sdxl" or "sd15" from a published file name (every SDXL release says so in its name)."""
+    lowered = published_name.lower()
+    return "sdxl" if any(mark in lowered for mark in SDXL_MARKS) else "sd15"
+
+
+def _tiny(base: str, models_dir: Path) -> tiny_models.TinyModel:
+    return (tiny_models.build_sdxl if base == "sdxl" else tiny_models.build_sd15)(models_dir)
+
+
+def _stand_in_lora(tiny: tiny_models.TinyModel) -> Path:
+    """A rank-4 kohya-layout LoRA on every attention projection of the tiny UNet (cached)."""
+    path = tiny_models.cache_dir() / f"stand_in_lora_{tiny.base}.safetensors"
+    if not path.is_file():
+        peft = lora_factory.peft_lora(tiny, 4, seed=11, targets=lora_factory.ATTENTION_TARGETS, text_encoder=False)
+        partial = path.with_suffix(f".partial-{os.getpid()}")
+        lora_factory.save(lora_factory.to_kohya(peft, alpha=4.0), partial.parent, partial.name)
+        partial.rename(path)
+    return path
+
+
+def _stand_in_controlnet(tiny: tiny_models.TinyModel) -> Path:
+    path = tiny_models.cache_dir() / f"stand_in_controlnet_{tiny.base}.safetensors"
+    if not path.is_file():
+        tiny_models.build_controlnet(tiny, path)
+    return path
+
+
+def _stand_in_image(path: Path) -> None:
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(3)
+    pixels = (torch.rand(CPU_TEST_SIZE, CPU_TEST_SIZE, 3, generator=generator) * 255).to(torch.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.numpy()).save(path)
+
+
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    target.symlink_to(source)
+
+
+def install_stand_ins(prompt: dict, base_dir: Path) -> list[str]:
+    """Put a tiny stand-in under every file name `prompt` (API format) loads; returns what it placed."""
+    base_dir = Path(base_dir)
+    models_dir = base_dir / "models"
+    placed = []
+    for node in prompt.values():
+        inputs = node["inputs"]
+        for input_name, folder in MODEL_INPUTS.items():
+            published = inputs.get(input_name)
+            if not isinstance(published, str):
+                continue
+            base = base_of(published)
+            tiny = _tiny(base, models_dir)
+            if folder == "checkpoints":
+                source = tiny.diffusers_dir.parent / tiny.checkpoint_name
+            elif folder == "diffusion_models":
+                source = tiny.diffusers_dir.parent / tiny.unet_name
+            elif folder == "loras":
+                source = _stand_in_lora(tiny)
+            else:
+                source = _stand_in_controlnet(tiny)
+            _link(source.resolve(), models_dir / folder / published)
+            placed.append(f"{folder}/{published} ← tiny {base} stand-in (random weights)")
+        if node["class_type"] == "LoadImage" and isinstance(inputs.get("image"), str):
+            image = base_dir / "input" / inputs["image"]
+            if not image.exists():
+                _stand_in_image(image)
+            placed.append(f"input/{inputs['image']} ← {CPU_TEST_SIZE}² noise image")
+    return placed
+
+
+def shrink_latents(prompt: dict, size: int = CPU_TEST_SIZE) -> list[str]:
+    """Set every EmptyLatentImage to size × size pixels (for CPU runs); returns what it changed."""
+    changed = []
+    for node_id, node in prompt.items():
+        if node["class_type"] == "EmptyLatentImage":
+            inputs = node["inputs"]
+            changed.append(f"#{node_id} EmptyLatentImage {inputs.get('width')}×{inputs.get('height')} → {size}×{size}")
+            inputs["width"] = inputs["height"] = size
+    return changed
