@@ -24,8 +24,9 @@ from comfy_harness import PACK_ROOT, ComfyServer, require_comfyui
 sys.path.insert(0, str(PACK_ROOT / "bench"))
 import soak  # noqa: E402 — the websocket client and the valid prompt the soak uses
 
-# Nodes the pack ships or will ship (issues 3–5); absent ones skip until their branch lands.
-FEWSTEP_NODES = ["FewStepScheduler", "FewStepSampler", "FewStepLoraLoader", "FewStepUNetLoader", "FewStepKSampler"]
+# Every node the pack ships; test_every_fewstep_node_is_covered fails when one is missing here.
+FEWSTEP_NODES = ["FewStepScheduler", "FewStepSampler", "FewStepLoraLoader", "FewStepUNetLoader", "FewStepKSampler",
+                 "FewStepAccelerate"]
 TRAILING_FAMILIES = ["turbo", "lightning", "hyper_sd", "dmd2"]  # img2img runs int(steps × denoise) steps
 PICKLE_SUFFIXES = [".ckpt", ".pt", ".pth", ".bin"]
 
