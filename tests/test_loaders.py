@@ -16,7 +16,9 @@ import lora_factory
 import tiny_models
 from comfy_harness import PromptFailed
 
-RANK = 8
+# Published LoRAs range from rank 4 to 64: each layout is tested at another rank of that range.
+RANK_BY_LAYOUT = {"peft": 4, "peft_base_model": 16, "kohya_with_alpha": 64, "kohya": 8, "diffusers_legacy": 32,
+                  "comfyui": 8}
 RELATIVE_TOLERANCE = 1e-5
 LAYOUTS = ["peft", "peft_base_model", "kohya_with_alpha", "kohya", "diffusers_legacy", "comfyui"]
 
@@ -24,12 +26,13 @@ LAYOUTS = ["peft", "peft_base_model", "kohya_with_alpha", "kohya", "diffusers_le
 def write_layout(tiny, layout: str, folder) -> tuple[str, dict, object]:
     """(file name, the same LoRA in diffusers' PEFT format, alpha) for diffusers' reference load."""
     targets = lora_factory.ATTENTION_TARGETS if layout == "diffusers_legacy" else lora_factory.ALL_TARGETS
-    peft = lora_factory.peft_lora(tiny, RANK, seed=11, targets=targets)
+    rank = RANK_BY_LAYOUT[layout]
+    peft = lora_factory.peft_lora(tiny, rank, seed=11, targets=targets)
     ldm_config = tiny_models.SDXL_LDM_CONFIG if tiny.base == "sdxl" else tiny_models.SD15_LDM_CONFIG
     converted = {
         "peft": lambda: peft,
         "peft_base_model": lambda: lora_factory.to_base_model_prefix(peft),
-        "kohya_with_alpha": lambda: lora_factory.to_kohya(peft, alpha=RANK / 2),
+        "kohya_with_alpha": lambda: lora_factory.to_kohya(peft, alpha=rank / 2),
         "kohya": lambda: lora_factory.to_kohya(peft, alpha=None),
         "diffusers_legacy": lambda: lora_factory.to_diffusers_legacy(peft),
         "comfyui": lambda: lora_factory.to_comfyui(peft, ldm_config),
@@ -225,7 +228,7 @@ def test_graph_with_lora_reproduces_diffusers_pipeline_with_lora(comfy, sd15):
     from graphs import PROMPT, SEED, sampling_prompt
 
     folder = comfy.models_dir / "loras"
-    name = lora_factory.save(lora_factory.to_kohya(lora_factory.peft_lora(sd15, RANK, seed=21), alpha=RANK / 2),
+    name = lora_factory.save(lora_factory.to_kohya(lora_factory.peft_lora(sd15, 8, seed=21), alpha=4.0),
                              folder, "lcm-lora-sdv1-5.safetensors")
     prompt = sampling_prompt(sd15, "lcm", 4, 1.0)
     prompt["lora"] = {"class_type": "FewStepLoraLoader", "inputs": {
