@@ -58,6 +58,15 @@ def _diffusers_pipeline(tiny):
     return AutoPipelineForText2Image.from_pretrained(str(tiny.diffusers_dir), torch_dtype=torch.float32, **skip)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_cached_models():
+    """Drop the cached checkpoints and pipelines when the module ends: a ModelPatcher still alive at
+    interpreter exit makes ComfyUI print 'Exception ignored in ModelPatcher.__del__'."""
+    yield
+    _comfy_checkpoint.cache_clear()
+    _diffusers_pipeline.cache_clear()
+
+
 def comfy_patched(comfy, tiny, lora_name):
     from comfy import model_management as management
 
