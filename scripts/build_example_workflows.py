@@ -99,6 +99,18 @@ def lora_graph(name: str, checkpoint: str, lora: str, family: str, steps: int, s
     ])
 
 
+def unet_graph(name: str, unet: str, family: str, steps: int, size: int, card: str) -> Workflow:
+    """A distilled UNet; the SDXL base checkpoint supplies the text encoders and VAE."""
+    return Workflow(name, card, [
+        N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SDXL}, column=0),
+        N("unet", "FewStepUNetLoader", {"unet_name": unet, "family": "detect"}, column=0),
+        *sdxl_text("ckpt"),
+        empty_latent(size),
+        *custom_sampling(family, steps, ("unet", "MODEL"), ("latent", 0), settings_from=("unet", "settings"),
+                         prefix=f"FewStep/{name}"),
+    ])
+
+
 def download(lines: list[str]) -> str:
     return "\n".join(f"- {line}" for line in lines)
 
@@ -150,21 +162,14 @@ WORKFLOWS = [
         + download([f"`models/checkpoints/{SDXL}` — stabilityai/stable-diffusion-xl-base-1.0",
                     "`models/loras/sdxl_lightning_4step_lora.safetensors` — ByteDance/SDXL-Lightning"]),
     ),
-    Workflow("sdxl_lightning_1step_unet",
-             "## SDXL-Lightning · 1-step UNet (x0)\n\nThe 1-step UNet predicts x₀: Few-Step UNet Loader reads "
-             "that from its name and sets the model up for it; sampled with Euler at t = 999, cfg 1, 1024². "
-             "The SDXL base checkpoint supplies the text encoders and VAE.\n\n"
-             + download([f"`models/checkpoints/{SDXL}` — stabilityai/stable-diffusion-xl-base-1.0",
-                         "`models/diffusion_models/sdxl_lightning_1step_unet_x0.safetensors` — "
-                         "ByteDance/SDXL-Lightning"]), [
-                 N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SDXL}, column=0),
-                 N("unet", "FewStepUNetLoader", {"unet_name": "sdxl_lightning_1step_unet_x0.safetensors",
-                                                 "family": "detect"}, column=0),
-                 *sdxl_text("ckpt"),
-                 empty_latent(1024),
-                 *custom_sampling("lightning", 1, ("unet", "MODEL"), ("latent", 0),
-                                  settings_from=("unet", "settings"), prefix="FewStep/sdxl_lightning_1step"),
-             ]),
+    unet_graph(
+        "sdxl_lightning_1step_unet", "sdxl_lightning_1step_unet_x0.safetensors", "lightning", 1, 1024,
+        "## SDXL-Lightning · 1-step UNet (x0)\n\nThe 1-step UNet predicts x₀: Few-Step UNet Loader reads "
+        "that from its name and sets the model up for it; sampled with Euler at t = 999, cfg 1, 1024². "
+        "The SDXL base checkpoint supplies the text encoders and VAE.\n\n"
+        + download([f"`models/checkpoints/{SDXL}` — stabilityai/stable-diffusion-xl-base-1.0",
+                    "`models/diffusion_models/sdxl_lightning_1step_unet_x0.safetensors` — ByteDance/SDXL-Lightning"]),
+    ),
     lora_graph(
         "hyper_sdxl_1step_lora", SDXL, "Hyper-SDXL-1step-lora.safetensors", "hyper_sd_1step", 1, 1024,
         "## Hyper-SD · SDXL 1-step LoRA\n\nThe ByteDance/Hyper-SD card for the 1-step LoRA: TCDScheduler "
@@ -195,20 +200,14 @@ WORKFLOWS = [
         + download([f"`models/checkpoints/{SDXL}` — stabilityai/stable-diffusion-xl-base-1.0",
                     "`models/loras/dmd2_sdxl_4step_lora.safetensors` — tianweiy/DMD2"]),
     ),
-    Workflow("hyper_sdxl_1step_unet",
-             "## Hyper-SD · SDXL 1-step UNet\n\nThe ByteDance/Hyper-SD card for Hyper-SDXL-1step-Unet: "
-             "LCMScheduler at timestep 800 (not 999), 1 step, guidance 0 (cfg 1), 1024². The SDXL base "
-             "checkpoint supplies the text encoders and VAE.\n\n"
-             + download([f"`models/checkpoints/{SDXL}` — stabilityai/stable-diffusion-xl-base-1.0",
-                         "`models/diffusion_models/Hyper-SDXL-1step-Unet.safetensors` — ByteDance/Hyper-SD"]), [
-                 N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SDXL}, column=0),
-                 N("unet", "FewStepUNetLoader", {"unet_name": "Hyper-SDXL-1step-Unet.safetensors",
-                                                 "family": "detect"}, column=0),
-                 *sdxl_text("ckpt"),
-                 empty_latent(1024),
-                 *custom_sampling("hyper_sd_1step_unet", 1, ("unet", "MODEL"), ("latent", 0),
-                                  settings_from=("unet", "settings"), prefix="FewStep/hyper_sdxl_1step_unet"),
-             ]),
+    unet_graph(
+        "hyper_sdxl_1step_unet", "Hyper-SDXL-1step-Unet.safetensors", "hyper_sd_1step_unet", 1, 1024,
+        "## Hyper-SD · SDXL 1-step UNet\n\nThe ByteDance/Hyper-SD card for Hyper-SDXL-1step-Unet: "
+        "LCMScheduler at timestep 800 (not 999), 1 step, guidance 0 (cfg 1), 1024². The SDXL base "
+        "checkpoint supplies the text encoders and VAE.\n\n"
+        + download([f"`models/checkpoints/{SDXL}` — stabilityai/stable-diffusion-xl-base-1.0",
+                    "`models/diffusion_models/Hyper-SDXL-1step-Unet.safetensors` — ByteDance/Hyper-SD"]),
+    ),
     Workflow("sdxl_lightning_4step_controlnet_canny",
              "## SDXL-Lightning 4-step LoRA · with a Canny ControlNet\n\nSDXL-Lightning's settings (Euler, "
              "trailing, 4 steps, cfg 1, 1024²) with ComfyUI's own ControlNet nodes: the edges of the "
