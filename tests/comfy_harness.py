@@ -187,6 +187,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop_with_parent() -> None:
+    """In the server's process: get SIGTERM when the test process dies, so a killed test run
+    leaves no server behind (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
 class ComfyServer:
     """`python main.py` (--cpu by default) on 127.0.0.1 as a subprocess, with this pack loaded from base_directory."""
 
@@ -214,6 +223,7 @@ class ComfyServer:
              "--base-directory", str(self.base_directory), "--disable-auto-launch",
              *self.extra_args],
             cwd=self.comfyui_path, stdout=self._log, stderr=subprocess.STDOUT,
+            preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
