@@ -12,7 +12,7 @@ call (CUDA events around UNetModel.forward / diffusers' UNet), the VAE decode st
 synchronised, around VAEDecode / around vae.decode through `.cpu()`), peak VRAM the process reserved
 (torch's caching allocator, CUDA-graph pools included), and images/s at batch 4.
 
-    python3 bench/gpu.py                       # CUDA: the full table (about 5 minutes on an H200)
+    python3 bench/gpu.py                       # CUDA: the full table (86 s on an H200 with --reps 5 --reps4 3)
     python3 bench/gpu.py --smoke               # CPU: tiny models, 64² images, one repetition
     python3 bench/gpu.py --configs turbo --out bench/out
 """
@@ -396,7 +396,8 @@ class Comfy:
 
     def __init__(self, base_directory: Path, cpu: bool):
         make_base_directory(base_directory)
-        sys.path.insert(0, str(COMFYUI_PATH))
+        if str(COMFYUI_PATH) not in sys.path:  # once: `comfy` is a namespace package, found per entry
+            sys.path.insert(0, str(COMFYUI_PATH))
         from comfy.cli_args import args
 
         args.cpu = cpu  # before comfy.model_management is imported
@@ -695,8 +696,7 @@ def environment(cuda: bool) -> dict:
     import diffusers
     import transformers
 
-    sys.path.insert(0, str(COMFYUI_PATH))
-    from comfyui_version import __version__ as comfyui_version
+    from comfyui_version import __version__ as comfyui_version  # ComfyUI is on sys.path (Comfy)
 
     env = {
         "date (UTC)": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
@@ -866,6 +866,10 @@ def main(argv=None) -> int:
         gc.collect()
         memory.reset()
         comfy_cells(runner, built, group, args, memory, cuda, captures, results, save)
+        # Drop the executor's cached outputs (models, FewStepAccelerate's graphs and their memory
+        # pools) before the next base model: the run of 2026-12-01 kept them, and the SD1.5
+        # diffusers cell's peak VRAM included them.
+        runner.executor.reset()
         management.unload_all_models()
         management.cleanup_models()
         gc.collect()
