@@ -83,7 +83,7 @@ function setHandSet(node, names) {
 // The family a node samples with: a connected loader's (its explicit family, else what it detected
 // in the file the last time it ran), else the node's own family widget — as resolve_family does.
 function effectiveReference(node) {
-  const loader = nodeFeeding(node, SETTINGS_TYPE);
+  const loader = isLoader(node) ? node : nodeFeeding(node, SETTINGS_TYPE);
   if (loader) {
     const chosen = widgetNamed(loader, "family")?.value;
     if (chosen && chosen !== DETECT && families?.[chosen]) return { family: chosen, settings: null, loader };
@@ -118,6 +118,9 @@ export function referenceText(family, settings) {
   if (definition.only_steps) parts[0] += " only";
   return `${family}: ${parts.join(", ")}`;
 }
+
+let noBadge = null;
+const NO_BADGE = () => (noBadge ??= new window.LGraphBadge({ text: "" }));
 
 function refreshBadge(node) {
   const reference = effectiveReference(node);
@@ -172,7 +175,10 @@ function followLoader(loader, family, settings) {
 function onFamilyChosen(node, family) {
   if (isLoader(node)) {
     if (family !== DETECT) followLoader(node, family, null);
-    else refreshBadgesFrom(node);
+    else {
+      node.fewstepDetected = null; // what the file says is known again once the loader has run
+      refreshBadgesFrom(node);
+    }
     return;
   }
   const reference = effectiveReference(node);
@@ -219,7 +225,7 @@ function watchNode(node) {
   }
   if (isFewStep(node)) {
     node.badges ??= [];
-    node.badges.push(() => node.fewstepBadge ?? new window.LGraphBadge({ text: "" }));
+    node.badges.push(() => node.fewstepBadge ?? NO_BADGE());
     const onConnectionsChange = node.onConnectionsChange;
     node.onConnectionsChange = function (...args) {
       const result = onConnectionsChange?.apply(this, args);
