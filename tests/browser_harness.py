@@ -25,12 +25,13 @@ CHROMIUM_ARGS = [
 # small text of a whole workflow in 1280×720 stays legible.
 DEVICE_SCALE_FACTOR = 2
 # Frontend settings of the test user: the first-run templates dialog is the one the tests open
-# themselves from the sidebar; the minimap is hidden and nodes keep their text at any zoom (no
-# level-of-detail switch), for screenshots of whole workflows.
+# themselves from the sidebar; for screenshots of whole workflows the minimap and the canvas info
+# (fps, node counts) are hidden and nodes keep their text at any zoom (no level-of-detail switch).
 FRONTEND_SETTINGS = {
     "Comfy.TutorialCompleted": True,
     "Comfy.Minimap.Visible": False,
     "LiteGraph.Canvas.MinFontSizeForLOD": 0,
+    "Comfy.Graph.CanvasInfo": False,
 }
 
 EXTENSION_NAME = "FewStep.ReferenceDefaults"
@@ -255,23 +256,28 @@ class Frontend:
         mouse.up()
         self.frames()
 
-    def frame_graph(self, margin: float = 0.92) -> None:
-        """Fit every node (titles included) in the view, as the frontend's fit-view does, at once."""
+    def frame_graph(self, region=(80, 104, 1264, 660)) -> None:
+        """Fit every node (titles and badges included) into `region` of the screen (left, top, right,
+        bottom in CSS pixels: clear of the sidebar, the workflow name, the run bar and the canvas
+        toolbar that float over the canvas), centred, at most at scale 1."""
         self.page.evaluate(
-            """margin => {
-                 const nodes = app.graph.nodes;
-                 const title = LiteGraph.NODE_TITLE_HEIGHT;
+            """([left, top, right, bottom]) => {
+                 const title = LiteGraph.NODE_TITLE_HEIGHT, badge = 24;
                  let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
-                 for (const n of nodes) {
-                   x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - title - 24);
+                 for (const n of app.graph.nodes) {
+                   x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - title - badge);
                    x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
                  }
-                 // Leave room for the sidebar (left) and the run bar (top) that float over the canvas.
-                 const padLeft = 70, padTop = 60;
-                 app.canvas.ds.fitToBounds([x0 - padLeft, y0 - padTop, x1 - x0 + padLeft, y1 - y0 + padTop], { zoom: margin });
+                 const ds = app.canvas.ds;
+                 const scale = Math.min((right - left) / (x1 - x0), (bottom - top) / (y1 - y0), 1);
+                 // screen = (graph + offset) · scale, with the bounds centred in the region.
+                 const cx = (left + right) / 2, cy = (top + bottom) / 2;
+                 ds.scale = scale;
+                 ds.offset[0] = cx / scale - (x0 + x1) / 2;
+                 ds.offset[1] = cy / scale - (y0 + y1) / 2;
                  app.canvas.setDirty(true, true);
                }""",
-            margin,
+            list(region),
         )
         self.frames(3)
 
