@@ -41,7 +41,7 @@ class N:
     links: dict = field(default_factory=dict)
     column: int = 0
     title: str | None = None
-    width: int = 320
+    width: int | None = None  # None: wide enough for the frontend's title and widgets (node_width)
 
 
 @dataclass
@@ -263,6 +263,16 @@ WORKFLOWS = [
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SLOT_HEIGHT, WIDGET_HEIGHT, TITLE_HEIGHT, COLUMN_GAP, ROW_GAP = 22, 26, 30, 60, 50
+MULTILINE_ROWS = 5
+
+
+def node_width(node: N) -> int:
+    """The frontend widens a node to fit its title: FewStep's display names list the families."""
+    if node.width:
+        return node.width
+    if node.type.startswith("FewStep"):
+        return 480
+    return 400 if node.type in ("CLIPTextEncode", "SaveImage", "MarkdownNote") else 320
 
 
 def _inputs_in_order(info: dict) -> list[tuple[str, list]]:
@@ -318,7 +328,7 @@ def build(workflow: Workflow, object_info: dict) -> dict:
     column_y: dict[int, int] = {}
     column_width: dict[int, int] = {}
     for node in all_nodes:
-        column_width[node.column] = max(column_width.get(node.column, 0), node.width)
+        column_width[node.column] = max(column_width.get(node.column, 0), node_width(node))
     column_x, x = {}, 0
     for column in sorted(column_width):
         column_x[column] = x
@@ -338,7 +348,7 @@ def build(workflow: Workflow, object_info: dict) -> dict:
                 if _is_widget(spec):
                     value = node.widgets[name] if name in node.widgets else _default(spec)
                     values.append(value)
-                    widget_rows += 3 if spec[0] == "STRING" and (spec[1] or {}).get("multiline") else 1
+                    widget_rows += MULTILINE_ROWS if spec[0] == "STRING" and (spec[1] or {}).get("multiline") else 1
                     options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
                     if options.get("control_after_generate") or (spec[0] == "INT" and name in ("seed", "noise_seed")):
                         values.append("fixed")
@@ -366,7 +376,7 @@ def build(workflow: Workflow, object_info: dict) -> dict:
         y = column_y.get(node.column, 0)
         column_y[node.column] = y + height + ROW_GAP
         entry = {
-            "id": node_id, "type": node.type, "pos": [column_x[node.column], y], "size": [node.width, height],
+            "id": node_id, "type": node.type, "pos": [column_x[node.column], y], "size": [node_width(node), height],
             "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
             "properties": {"Node name for S&R": node.type} if node.type not in UI_ONLY else {},
             "widgets_values": values,
