@@ -281,11 +281,30 @@ class Frontend:
         )
         self.frames(3)
 
-    def screenshot(self, path: Path, style: str | None = None, full_resolution: bool = False) -> Path:
+    def screenshot(self, path: Path, full_resolution: bool = False) -> Path:
         """A screenshot of the page: one pixel per CSS pixel, or per device pixel (for README images)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(path), style=style, scale="device" if full_resolution else "css")
+        self.page.screenshot(path=str(path), scale="device" if full_resolution else "css")
         return path
+
+    def hide_job_summary(self) -> None:
+        """Hide the job queue's "1 job completed" summary, which every page shows after any run on the
+        server, so README screenshots show the workflow alone."""
+        # Opacity, not visibility: the summary's children set their own visibility.
+        self.page.evaluate(
+            """() => {
+                 if (!document.getElementById('fewstep-hide-job-summary')) {
+                   const style = document.createElement('style');
+                   style.id = 'fewstep-hide-job-summary';
+                   style.textContent = '[data-fewstep-hidden] { opacity: 0 !important; }';
+                   document.head.append(style);
+                 }
+                 for (const button of document.querySelectorAll('button[aria-label="Expand job queue"]'))
+                   if (/\\bjobs? (completed|failed)\\b/.test(button.innerText))
+                     button.parentElement.parentElement.setAttribute('data-fewstep-hidden', '');
+               }"""
+        )
+        self.frames()
 
 
 def save_small_png(source: Path, target: Path, max_bytes: int = 250_000) -> Path:
