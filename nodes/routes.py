@@ -1,16 +1,28 @@
-"""GET /fewstep/families: each family's reference settings, for the frontend (web/fewstep.js).
+"""FewStep's HTTP routes for the frontend (web/fewstep.js).
 
-The browser reads the defaults from here rather than keeping a copy of fewstep.families in JS, so a
-new family reaches the widgets and badges without a frontend change.
+- GET /fewstep/families: each family's reference settings. The browser reads the defaults from here
+  rather than keeping a copy of fewstep.families in JS, so a new family reaches the widgets and
+  badges without a frontend change.
+- GET /fewstep/detect?node=FewStepLoraLoader&name=FILE[&family=detect]: the settings the loader will
+  report for that file when it runs (its name and safetensors metadata, read from the header only),
+  so the widgets follow a file as soon as it is chosen.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 
-from ..fewstep.families import FAMILIES, Family
+from ..fewstep.families import FAMILIES, Family, FewStepInputError
+from ..fewstep.lora_layouts import read_safetensors_metadata
 
 ROUTE = "/fewstep/families"
+DETECT_ROUTE = "/fewstep/detect"
+# Each FewStep loader: the input naming its file, and the models folder it is in.
+LOADER_FILES = {
+    "FewStepLoraLoader": ("lora_name", "loras"),
+    "FewStepUNetLoader": ("unet_name", "diffusion_models"),
+}
 log = logging.getLogger(__name__)
 _registered = False
 
@@ -29,11 +41,33 @@ def family_defaults(family: Family) -> dict:
 
 
 def families_payload() -> dict:
-    return {"families": {name: family_defaults(family) for name, family in FAMILIES.items()}}
+    return {
+        "families": {name: family_defaults(family) for name, family in FAMILIES.items()},
+        "loaders": {node: file_input for node, (file_input, _folder) in LOADER_FILES.items()},
+    }
+
+
+def detected_settings(node: str, file_name: str, family: str = "detect") -> dict:
+    """What `node` will detect in `file_name` (loaders.resolve_settings, as its execute() calls it)."""
+    import folder_paths
+
+    from .loaders import resolve_settings
+
+    if node not in LOADER_FILES:
+        raise FewStepInputError(f"node: '{node}' is not a FewStep loader ({', '.join(LOADER_FILES)}).")
+    _file_input, folder = LOADER_FILES[node]
+    path = folder_paths.get_full_path(folder, file_name)
+    metadata = {}
+    if path is not None and path.lower().endswith(".safetensors"):
+        try:
+            metadata = read_safetensors_metadata(path)
+        except (OSError, ValueError) as error:  # unreadable header: the loader reports it when it runs
+            log.debug("FewStep: no metadata from %s: %s", path, error)
+    return dataclasses.asdict(resolve_settings(family, file_name, metadata))
 
 
 def register_routes() -> bool:
-    """Add the route to ComfyUI's PromptServer, once; False where there is no server (in-process tests)."""
+    """Add the routes to ComfyUI's PromptServer, once; False where there is no server (in-process tests)."""
     global _registered
     if _registered:
         return True
@@ -49,6 +83,15 @@ def register_routes() -> bool:
     async def get_families(request):
         return web.json_response(families_payload())
 
+    @instance.routes.get(DETECT_ROUTE)
+    async def get_detected(request):
+        query = request.rel_url.query
+        try:
+            settings = detected_settings(query.get("node", ""), query.get("name", ""), query.get("family", "detect"))
+        except FewStepInputError as error:
+            return web.json_response({"error": str(error)}, status=400)
+        return web.json_response({"settings": settings})
+
     _registered = True
-    log.debug("FewStep: serving %s", ROUTE)
+    log.debug("FewStep: serving %s and %s", ROUTE, DETECT_ROUTE)
     return True

@@ -14,9 +14,11 @@ test-artifacts/browser/.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
+import urllib.error
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -315,7 +317,24 @@ def test_families_route_serves_the_pure_layer(server):
             "default_cfg": family.default_cfg, "default_eta": family.default_eta,
             "only_steps": list(family.only_steps) if family.only_steps else None, "reference": family.reference,
         }
-    assert server.get("/api/fewstep/families") == {"families": served}  # the frontend's api.fetchApi path
+    assert server.get("/api/fewstep/families")["families"] == served  # the frontend's api.fetchApi path
+
+
+def test_detect_route_answers_what_the_loader_will_detect(server):
+    """GET /fewstep/detect gives, for a loader and file, the settings the loader reports when it runs:
+    fewstep.detection on the file's name and metadata (or the family chosen on the loader)."""
+    from safetensors import safe_open
+
+    with safe_open(str(server.base_directory / "models" / "diffusion_models" / DETECTED_UNET), "pt") as file:
+        expected = detect_settings(DETECTED_UNET, file.metadata() or {})
+    query = urllib.parse.urlencode({"node": "FewStepUNetLoader", "name": DETECTED_UNET})
+    assert server.get(f"/api/fewstep/detect?{query}")["settings"] == dataclasses.asdict(expected)
+    chosen = server.get("/api/fewstep/detect?" + urllib.parse.urlencode(
+        {"node": "FewStepUNetLoader", "name": DETECTED_UNET, "family": "tcd"}))["settings"]
+    assert (chosen["family"], chosen["steps"], chosen["eta"]) == ("tcd", FAMILIES["tcd"].default_steps, FAMILIES["tcd"].default_eta)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        server.get(f"/api/fewstep/detect?node=KSampler&name={DETECTED_UNET}")
+    assert refused.value.code == 400 and "KSampler" in json.loads(refused.value.read())["error"]
 
 
 # --- the node search box ----------------------------------------------------------------------------
@@ -527,3 +546,40 @@ def test_loader_detected_settings_reach_the_nodes_it_feeds(frontend, server):
     wait_for_badge(frontend, scheduler, text)
     wait_for_badge(frontend, sampler, text)
     frontend.screenshot(ARTIFACTS / "extension-detected.png")
+
+
+def test_choosing_a_loader_file_moves_the_widgets_it_feeds(frontend, server):
+    """Picking a file in Few-Step UNet Loader's combo (family: detect) moves the scheduler and sampler
+    its settings feed to what the file's name says, before anything runs."""
+    from safetensors import safe_open
+
+    page = frontend.page
+    load_workflow(frontend, turbo_workflow())
+    scheduler, sampler = ids_of(frontend, "FewStepScheduler", "FewStepSampler")
+    loader = page.evaluate(
+        """ids => {
+             const [scheduler, sampler] = ids.map(id => app.graph.getNodeById(id));
+             const loader = LiteGraph.createNode('FewStepUNetLoader');
+             loader.pos = [40, 420];
+             app.graph.add(loader);
+             const slot = (node, name) => node.inputs.findIndex(i => i.name === name);
+             loader.connect(1, scheduler, slot(scheduler, 'settings'));
+             loader.connect(1, sampler, slot(sampler, 'settings'));
+             return loader.id;
+           }""",
+        [scheduler, sampler],
+    )
+    for name in (DETECTED_UNET, "Hyper-SDXL-1step-Unet.safetensors"):
+        path = server.base_directory / "models" / "diffusion_models" / name
+        with safe_open(str(path), "pt") as file:
+            expected = detect_settings(name, file.metadata() or {})
+        assert expected.family is not None, f"{name} should read as a few-step UNet"
+        frontend.choose(loader, "unet_name", name)
+        text = reference_badge(expected.family, expected.steps, expected.cfg, expected.eta)
+        wait_for_badge(frontend, scheduler, text)
+        assert frontend.widget_value(scheduler, "family") == expected.family
+        assert frontend.widget_value(scheduler, "steps") == expected.steps
+        assert frontend.widget_value(sampler, "family") == expected.family
+        wait_for_badge(frontend, sampler, text)
+        wait_for_badge(frontend, loader, text)
+    frontend.screenshot(ARTIFACTS / "extension-file_chosen.png")

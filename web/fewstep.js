@@ -1,15 +1,17 @@
-// FewStep's frontend: when a node's few-step family changes, or a FewStep loader reports the family it
-// detected in a file, the steps / cfg / eta widgets that follow it move to the family's reference
-// values — except those the user set by hand — and a badge on the node shows the reference.
+// FewStep's frontend: when a node's few-step family changes, or a FewStep loader's file says which
+// family it is (when the user picks the file, and again in the loader's `executed` message when it
+// runs), the steps / cfg / eta widgets that follow it move to the reference values — except those the
+// user set by hand — and a badge on the node shows the reference.
 //
-// The reference values are not kept here: GET /fewstep/families serves them from fewstep/families.py.
-// Widgets only move on a user's change of family or on a loader's `executed` message, never while a
-// workflow is loaded, so saved workflows open exactly as they were saved.
+// Nothing about the families is kept here: GET /fewstep/families serves fewstep/families.py and
+// GET /fewstep/detect the loaders' own detection. Widgets only move on a user's change or a loader's
+// `executed` message, never while a workflow is opened, so saved workflows open as they were saved.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const EXTENSION_NAME = "FewStep.ReferenceDefaults";
 const FAMILIES_ROUTE = "/fewstep/families";
+const DETECT_ROUTE = "/fewstep/detect";
 // node.properties key: the names of the widgets the user set by hand; saved with the workflow.
 export const HAND_SET_PROPERTY = "fewstep_hand_set";
 const FOLLOWING_WIDGETS = ["steps", "cfg", "eta"];
@@ -20,6 +22,7 @@ const ETA_FROM_FAMILY = -1; // the eta inputs' "use the family's reference" (nod
 const CFG_FOLLOWERS = new Set(["SamplerCustom"]);
 
 let families = null;
+let loaderFiles = {}; // loader node type → the widget naming its file (nodes/routes.py LOADER_FILES)
 const familiesReady = api
   .fetchApi(FAMILIES_ROUTE)
   .then((response) => {
@@ -28,6 +31,7 @@ const familiesReady = api
   })
   .then((payload) => {
     families = payload.families;
+    loaderFiles = payload.loaders ?? {};
     return families;
   })
   .catch((error) => {
@@ -172,12 +176,40 @@ function followLoader(loader, family, settings) {
   }
 }
 
+// What a loader will detect in its file when it runs (the server reads the name and metadata).
+async function detectFile(loader) {
+  const name = widgetNamed(loader, loaderFiles[classOf(loader)])?.value;
+  if (!name) return null;
+  const ticket = (loader.fewstepDetectTicket = (loader.fewstepDetectTicket ?? 0) + 1);
+  const query = new URLSearchParams({ node: classOf(loader), name, family: widgetNamed(loader, "family")?.value ?? DETECT });
+  const response = await api.fetchApi(`${DETECT_ROUTE}?${query}`);
+  if (!response.ok) return null;
+  const { settings } = await response.json();
+  return ticket === loader.fewstepDetectTicket ? settings : null; // null: a later choice or run won
+}
+
+// Learn what the loader's file says: on a user's choice the fed widgets follow it; while a workflow
+// is opened only the badges do.
+async function learnFile(loader, follow) {
+  let settings;
+  try {
+    settings = await detectFile(loader);
+  } catch (error) {
+    console.warn(`[FewStep] ${DETECT_ROUTE}: ${error}`);
+  }
+  if (!settings) return;
+  loader.fewstepDetected = settings;
+  if (follow && settings.family && families?.[settings.family]) followLoader(loader, settings.family, settings);
+  else refreshBadgesFrom(loader);
+}
+
 function onFamilyChosen(node, family) {
   if (isLoader(node)) {
     if (family !== DETECT) followLoader(node, family, null);
     else {
-      node.fewstepDetected = null; // what the file says is known again once the loader has run
+      node.fewstepDetected = null;
       refreshBadgesFrom(node);
+      learnFile(node, true);
     }
     return;
   }
@@ -233,7 +265,13 @@ function watchNode(node) {
       return result;
     };
   }
-  familiesReady.then(() => refreshBadge(node));
+  familiesReady.then(() => {
+    refreshBadge(node);
+    if (!isLoader(node)) return;
+    const fileWidget = widgetNamed(node, loaderFiles[classOf(node)]);
+    if (fileWidget) wrapCallback(fileWidget, () => learnFile(node, true));
+    learnFile(node, false);
+  });
 }
 
 // Where ComfyUI's `executed` message names a node: its id, or a subgraph path "outer:inner".
@@ -257,6 +295,7 @@ app.registerExtension({
       const loader = nodeByExecutionId(detail.display_node ?? detail.node);
       if (!loader) return;
       loader.fewstepDetected = settings;
+      loader.fewstepDetectTicket = (loader.fewstepDetectTicket ?? 0) + 1; // what it ran with wins
       if (settings.family && families?.[settings.family]) followLoader(loader, settings.family, settings);
       else refreshBadgesFrom(loader);
     });
@@ -267,6 +306,9 @@ app.registerExtension({
   },
   loadedGraphNode(node) {
     watchNode(node);
-    familiesReady.then(() => refreshBadge(node));
+    familiesReady.then(() => {
+      refreshBadge(node);
+      if (isLoader(node)) learnFile(node, false); // its file as saved, now that the values are set
+    });
   },
 });
