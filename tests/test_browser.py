@@ -273,6 +273,7 @@ def test_example_workflow_opens_from_templates_and_runs(frontend, camera, server
     camera.open_template(PACK_FOLDER_NAME, stem)
     wait_for_graph(camera, workflow)
     camera.frame_graph()
+    camera.close_other_workflows()
     camera.hide_job_summary()
     shot = camera.screenshot(ARTIFACTS / f"{stem}-loaded.png", full_resolution=True)
     save_small_png(shot, SCREENSHOTS / f"{stem}.png")
