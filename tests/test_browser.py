@@ -24,7 +24,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from browser_harness import (
     ARTIFACTS,
     CHROMIUM_ARGS,
@@ -35,7 +34,13 @@ from browser_harness import (
     save_small_png,
     write_frontend_settings,
 )
-from comfy_harness import PACK_FOLDER_NAME, PACK_ROOT, ComfyServer, make_base_directory, require_comfyui
+from comfy_harness import (
+    PACK_FOLDER_NAME,
+    PACK_ROOT,
+    ComfyServer,
+    make_base_directory,
+    require_comfyui,
+)
 from comfyui_fewstep.fewstep.detection import detect_settings
 from comfyui_fewstep.fewstep.families import FAMILIES
 from comfyui_fewstep.fewstep.workflow_api import ui_workflow_to_prompt
