@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, help="your ComfyUI models folder, used as it is")
     parser.add_argument("--checkpoint", help="a checkpoint in the models folder for every checkpoint loader")
     parser.add_argument("--size", type=int,
-                        help="set every Empty Latent Image to SIZE×SIZE pixels (quick CPU runs of SDXL-sized workflows)")
+                        help="set every Empty Latent Image and Image Scale to SIZE×SIZE pixels (quick CPU runs)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is present")
     parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help=f"ComfyUI base directory (default {WORK_DIR})")
     args = parser.parse_args(argv)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 for line in workflow_models.install_stand_ins(prompt, base):
                     print(f"  stand-in: {line}")
             if args.size:
-                for line in workflow_models.shrink_latents(prompt, args.size):
+                for line in workflow_models.shrink_sizes(prompt, args.size):
                     print(f"  size: {line}")
             print(f"running {workflow_path.name} on ComfyUI at {comfyui} ({'CPU' if use_cpu else 'GPU'}) …", flush=True)
             try:

@@ -344,3 +344,17 @@ def save_small_png(source: Path, target: Path, max_bytes: int = 250_000, max_cha
     if target.stat().st_size > max_bytes:
         raise AssertionError(f"{target} is {target.stat().st_size} bytes, over {max_bytes}")
     return target
+
+
+def save_thumbnail(screenshot: Path, target: Path, width: int = 640) -> Path:
+    """The templates browser's card picture (it asks for example_workflows/<name>.jpg): the README
+    screenshot at `width`, rewritten only when that screenshot is newer, so a re-run changes nothing."""
+    from PIL import Image
+
+    if target.is_file() and target.stat().st_mtime >= screenshot.stat().st_mtime:
+        return target
+    with Image.open(screenshot) as image:
+        image = image.convert("RGB")
+        image = image.resize((width, round(image.height * width / image.width)), Image.Resampling.LANCZOS)
+        image.save(target, quality=82, optimize=True)
+    return target

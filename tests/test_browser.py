@@ -32,6 +32,7 @@ from browser_harness import (
     Frontend,
     require_browser,
     save_small_png,
+    save_thumbnail,
     write_frontend_settings,
 )
 from comfy_harness import (
@@ -281,7 +282,8 @@ def test_example_workflow_opens_from_templates_and_runs(frontend, camera, server
     camera.close_other_workflows()
     camera.hide_job_summary()
     shot = camera.screenshot(ARTIFACTS / f"{stem}-loaded.png", full_resolution=True)
-    save_small_png(shot, SCREENSHOTS / f"{stem}.png")
+    readme_shot = save_small_png(shot, SCREENSHOTS / f"{stem}.png")
+    save_thumbnail(readme_shot, PACK_ROOT / "example_workflows" / f"{stem}.jpg")
 
     shrink_latents(frontend)
     images = run_from_ui(frontend)

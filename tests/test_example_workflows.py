@@ -66,6 +66,15 @@ def test_workflow_uses_the_cards_settings_for_the_files_it_loads(path):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_has_a_card_picture_for_the_templates_browser(path):
+    """The frontend's templates browser shows example_workflows/<name>.jpg on the workflow's card."""
+    from PIL import Image
+
+    with Image.open(path.with_suffix(".jpg")) as picture:
+        assert picture.format == "JPEG" and picture.width >= 320
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_names_only_published_files(path):
     """Model files under the names people download them by; no tiny stand-in name leaks into a workflow."""
     for node in load(path)["nodes"]:

@@ -18,7 +18,7 @@ import torch
 import lora_factory
 import tiny_models
 
-# EmptyLatentImage width/height (pixels) the CPU runs use: SDXL-sized latents would cost minutes of
+# EmptyLatentImage / ImageScale width/height (pixels) the CPU runs use: SDXL-sized latents would cost minutes of
 # VAE decode per workflow on 2 cores; the sampling maths does not depend on the size.
 CPU_TEST_SIZE = 128
 
@@ -107,12 +107,16 @@ def install_stand_ins(prompt: dict, base_dir: Path) -> list[str]:
     return placed
 
 
-def shrink_latents(prompt: dict, size: int = CPU_TEST_SIZE) -> list[str]:
-    """Set every EmptyLatentImage to size × size pixels (for CPU runs); returns what it changed."""
+# Nodes whose width/height widgets set the picture size a workflow samples at.
+SIZED_NODES = ("EmptyLatentImage", "ImageScale")
+
+
+def shrink_sizes(prompt: dict, size: int = CPU_TEST_SIZE) -> list[str]:
+    """Set every Empty Latent Image and Image Scale to size × size pixels (CPU runs); returns what changed."""
     changed = []
     for node_id, node in prompt.items():
-        if node["class_type"] == "EmptyLatentImage":
+        if node["class_type"] in SIZED_NODES:
             inputs = node["inputs"]
-            changed.append(f"#{node_id} EmptyLatentImage {inputs.get('width')}×{inputs.get('height')} → {size}×{size}")
+            changed.append(f"#{node_id} {node['class_type']} {inputs.get('width')}×{inputs.get('height')} → {size}×{size}")
             inputs["width"] = inputs["height"] = size
     return changed
