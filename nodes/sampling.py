@@ -71,6 +71,17 @@ def schedule_sigmas(model, family: Family, steps: int, denoise: float, timesteps
     return noise_schedule_of(model_sampling).sigmas_for(timestep_list)
 
 
+def check_schedule(family, steps, denoise, timesteps, original_inference_steps) -> None:
+    """The scheduler's checks on constant widget values, for validate_inputs (None: linked)."""
+    if family is not None:
+        get_family(family)
+    if family is not None and steps is not None and denoise is not None:
+        reference_timesteps(
+            family, steps, denoise, parse_timesteps(timesteps or ""),
+            original_inference_steps or LCM_ORIGINAL_INFERENCE_STEPS,
+        )
+
+
 def resolve_eta(eta: float | None, settings: FewStepSettings | None, family: Family) -> float | None:
     """The sampler's eta: the widget's, unless it asks for the reference (-1): the file's, else the family's."""
     if eta is not None and eta >= 0:
@@ -213,8 +224,7 @@ class FewStepSampler(io.ComfyNode):
     def validate_inputs(cls, family=None, eta=None) -> bool | str:
         def check():
             check_numbers(cls, eta=eta)
-            if family is not None:
-                get_family(family)
+            check_schedule(family, None, None, None, None)
         return validation_message(check)
 
     @classmethod
@@ -222,17 +232,6 @@ class FewStepSampler(io.ComfyNode):
         check_numbers(cls, eta=eta)
         chosen = resolve_family(family, settings)
         return io.NodeOutput(FewStepKSAMPLER(chosen, resolve_eta(eta, settings, chosen)))
-
-
-def check_schedule(family, steps, denoise, timesteps, original_inference_steps) -> None:
-    """The scheduler's checks on constant widget values, for validate_inputs (None: linked)."""
-    if family is not None:
-        get_family(family)
-    if family is not None and steps is not None and denoise is not None:
-        reference_timesteps(
-            family, steps, denoise, parse_timesteps(timesteps or ""),
-            original_inference_steps or LCM_ORIGINAL_INFERENCE_STEPS,
-        )
 
 
 class FewStepKSampler(io.ComfyNode):

@@ -31,12 +31,9 @@ def check_numbers(node_class: type[io.ComfyNode], **values) -> None:
         spec = specs[name]
         whole = isinstance(spec, io.Int.Input)
         kind = "a whole number" if whole else "a number"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        numeric = not isinstance(value, bool) and isinstance(value, (int, float))
+        if not numeric or not math.isfinite(value) or (whole and value != int(value)):
             raise FewStepInputError(f"{name}: {value!r} is not {kind}; enter {kind} like {spec.default!r}.")
-        if not math.isfinite(value):
-            raise FewStepInputError(f"{name}: {value} is not {kind}; enter {kind} like {spec.default!r}.")
-        if whole and value != int(value):
-            raise FewStepInputError(f"{name}: {value} is not {kind}; enter {kind} like {spec.default!r}.")
         low, high = spec.min, spec.max
         if (low is not None and value < low) or (high is not None and value > high):
             raise FewStepInputError(
