@@ -18,17 +18,25 @@ class WorkflowError(ValueError):
     """The workflow can't be turned into a prompt; the message says which node and why."""
 
 
-def _is_widget(spec: list) -> bool:
+def is_widget(spec: list) -> bool:
     kind = spec[0]
     return isinstance(kind, list) or kind in WIDGET_TYPES
 
 
-def _has_control_widget(name: str, spec: list) -> bool:
+def has_control_widget(name: str, spec: list) -> bool:
     # INT inputs marked control_after_generate (seeds) carry an extra "fixed"/"randomize" value.
     options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
     return bool(options.get("control_after_generate")) or (
         spec[0] == "INT" and name in ("seed", "noise_seed")
     )
+
+
+def inputs_in_order(info: dict) -> list[tuple[str, list]]:
+    """(name, spec) of a node's inputs in the order the frontend lays out its widgets: required, then
+    optional, each in /object_info's input_order."""
+    order = info.get("input_order") or {k: list(v) for k, v in info["input"].items()}
+    return [(name, info["input"][category][name]) for category in ("required", "optional")
+            for name in order.get(category, [])]
 
 
 def ui_workflow_to_prompt(workflow: dict, object_info: dict[str, Any]) -> dict:
@@ -68,25 +76,22 @@ def ui_workflow_to_prompt(workflow: dict, object_info: dict[str, Any]) -> dict:
             values_by_name, values = values, []
         else:
             values_by_name = {}
-        order = info.get("input_order") or {k: list(v) for k, v in info["input"].items()}
         inputs: dict[str, Any] = {}
         position = 0
-        for category in ("required", "optional"):
-            for name in order.get(category, []):
-                spec = info["input"][category][name]
-                if _is_widget(spec):
-                    if name in values_by_name:
-                        inputs[name] = values_by_name[name]
-                    elif position < len(values):
-                        inputs[name] = values[position]
+        for name, spec in inputs_in_order(info):
+            if is_widget(spec):
+                if name in values_by_name:
+                    inputs[name] = values_by_name[name]
+                elif position < len(values):
+                    inputs[name] = values[position]
+                    position += 1
+                    if has_control_widget(name, spec):
                         position += 1
-                        if _has_control_widget(name, spec):
-                            position += 1
-                if name in linked:
-                    source = source_of(linked[name])
-                    if source is not None:
-                        inputs[name] = source
-                    else:
-                        inputs.pop(name, None)
+            if name in linked:
+                source = source_of(linked[name])
+                if source is not None:
+                    inputs[name] = source
+                else:
+                    inputs.pop(name, None)
         prompt[str(node_id)] = {"class_type": class_type, "inputs": inputs, "_meta": {"title": node.get("title", class_type)}}
     return prompt

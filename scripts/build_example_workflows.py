@@ -20,6 +20,7 @@ PACK_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PACK_ROOT / "tests"))
 import conftest  # noqa: E402,F401 — registers the pack as the `comfyui_fewstep` package
 from comfy_harness import COMFYUI_MISSING, ComfyServer, find_comfyui  # noqa: E402
+from comfyui_fewstep.fewstep.workflow_api import has_control_widget, inputs_in_order, is_widget  # noqa: E402
 
 OUT_DIR = PACK_ROOT / "example_workflows"
 SEED = 42
@@ -261,7 +262,6 @@ WORKFLOWS = [
 
 # --- Layout -----------------------------------------------------------------------------------
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SLOT_HEIGHT, WIDGET_HEIGHT, TITLE_HEIGHT, COLUMN_GAP, ROW_GAP = 22, 26, 30, 60, 50
 MULTILINE_ROWS = 5
 
@@ -273,16 +273,6 @@ def node_width(node: N) -> int:
     if node.type.startswith("FewStep"):
         return 480
     return 400 if node.type in ("CLIPTextEncode", "SaveImage", "MarkdownNote") else 320
-
-
-def _inputs_in_order(info: dict) -> list[tuple[str, list]]:
-    order = info.get("input_order") or {k: list(v) for k, v in info["input"].items()}
-    return [(name, info["input"][category][name]) for category in ("required", "optional")
-            for name in order.get(category, [])]
-
-
-def _is_widget(spec: list) -> bool:
-    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
 
 
 def _default(spec: list):
@@ -343,14 +333,14 @@ def build(workflow: Workflow, object_info: dict) -> dict:
         else:
             info = object_info[node.type]
             unknown = set(node.widgets) | set(node.links)
-            for name, spec in _inputs_in_order(info):
+            for name, spec in inputs_in_order(info):
                 unknown.discard(name)
-                if _is_widget(spec):
+                if is_widget(spec):
                     value = node.widgets[name] if name in node.widgets else _default(spec)
                     values.append(value)
                     widget_rows += MULTILINE_ROWS if spec[0] == "STRING" and (spec[1] or {}).get("multiline") else 1
                     options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-                    if options.get("control_after_generate") or (spec[0] == "INT" and name in ("seed", "noise_seed")):
+                    if has_control_widget(name, spec):
                         values.append("fixed")
                         widget_rows += 1
                     if options.get("image_upload"):
