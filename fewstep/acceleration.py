@@ -3,6 +3,10 @@
 Few-step sampling runs the UNet 1–4 times and the VAE decoder once, at one shape, so at 512² the GPU
 mostly waits for Python to launch ~1,500 kernels per UNet call. A CUDA graph records those launches
 once per shape and replays them with one call (PyTorch's "CUDA Graphs" notes, torch.cuda.CUDAGraph).
+Optionally the function is first compiled by torch.compile (TorchInductor) for that shape: it fuses
+the memory-bound work around the matrix products and convolutions (GroupNorm + SiLU, residual adds,
+GEGLU) and lays the convolutions out channels-last, which shortens the GPU time that graphs alone
+leave as it is; the graph then records the compiled kernels.
 A graph replays fixed memory addresses: its inputs are copied into static buffers, its output is
 copied out, and it is only valid while every parameter and buffer of the module it ran is the
 tensor that was captured — `WeightSnapshot` checks that, so a re-patched or offloaded model is
@@ -35,6 +39,32 @@ DEFAULT_MAX_SHAPES = 4
 # and bf16 (3.9e-3, ComfyUI's VAE dtype) that stays near 1e-3 through a UNet and a decoder. A stale
 # buffer, a missed input or a wrong shape gives errors of order 1, so 1e-2 separates the two.
 RELATIVE_L2_TOLERANCE = 1e-2
+# Compiled kernels sum in another order than eager (fused reductions, channels-last convolutions).
+# Measured on an H200 (bench/RESULTS.md): at most 5.1e-4 on the latent and 4.1e-3 on the bf16-decoded
+# image, so compiled graphs are held to the same tolerance, still well apart from errors of order 1.
+
+# torch.compile's GPU code generator. One shape per compile (dynamic=False): a few-step run repeats
+# one shape, and static shapes give the fused kernels their fixed sizes. conv_1x1_as_mm runs the 1×1
+# convolutions (resnet shortcuts, the VAE's attention projections) as matrix products, which
+# Inductor can fuse with their neighbours. Weights stay graph inputs (no freezing): ComfyUI
+# re-patches them in place.
+COMPILE_BACKEND = "inductor"
+COMPILE_OPTIONS = {"conv_1x1_as_mm": True}
+# Dynamo keeps compiled code per Python function, shared by all its closures, and recompiles when a
+# guard fails: at each new shape (dynamic=False) and for each model. Past its default limit of 8
+# recompiles it would silently run that function eagerly, so a server that has seen a few sizes and
+# models would lose the compiled kernels. The limit is raised only while a capture compiles.
+COMPILE_RECOMPILE_LIMIT = 256
+# While compiling: fail rather than run eagerly where Dynamo would give up silently (the recompile
+# limit, or TORCHDYNAMO_SUPPRESS_ERRORS set in the environment), so that the fallback says so.
+# Keys this torch lacks are left out. Dynamo's config is process-wide: ComfyUI runs one prompt at a
+# time, and the setting lasts only for the compiling call.
+COMPILE_CONFIG = {"recompile_limit": COMPILE_RECOMPILE_LIMIT, "fail_on_recompile_limit_hit": True,
+                  "suppress_errors": False}
+
+
+class CompileFailed(RuntimeError):
+    """torch.compile failed on the first run of a function (its cause is the error it raised)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +116,37 @@ def cuda_graph_unavailable_reason(device: torch.device | str) -> str | None:
     return None
 
 
+def compile_unavailable_reason(device: torch.device | str) -> str | None:
+    """Why torch.compile's GPU backend cannot run on `device`, or None when it can."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"torch.compile is used only on CUDA devices and this runs on {device.type}"
+    try:
+        import triton  # noqa: F401 — Inductor writes its GPU kernels in Triton
+    except ImportError:
+        return ("torch.compile's GPU kernels need Triton, which is not installed (pip install triton; "
+                "on Windows, triton-windows)")
+    return None
+
+
+def compile_for_one_shape(function: Callable[..., torch.Tensor], backend=COMPILE_BACKEND,
+                          options: dict | None = COMPILE_OPTIONS) -> Callable[..., torch.Tensor]:
+    """`function` compiled by torch.compile for the shapes it is first called with.
+
+    Compilation happens at that first call; graph breaks are allowed (fullgraph=False): the parts
+    Dynamo cannot trace run as Python between compiled pieces, and a CUDA graph records both.
+    """
+    compiled = torch.compile(function, backend=backend, dynamic=False, fullgraph=False,
+                             options=options if backend == "inductor" else None)
+    settings = {key: value for key, value in COMPILE_CONFIG.items() if hasattr(torch._dynamo.config, key)}
+
+    def call(*inputs):
+        with torch._dynamo.config.patch(**settings):
+            return compiled(*inputs)
+
+    return call
+
+
 class WeightSnapshot:
     """The storage address of every parameter and buffer of a module, as a graph captured them.
 
@@ -117,10 +178,13 @@ class CapturedGraph:
     """
 
     def __init__(self, function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | None],
-                 module: torch.nn.Module, pool, autotune: bool):
+                 module: torch.nn.Module, pool, autotune: bool, compile_backend: str | None = None):
         started = time.perf_counter()
         self.static_inputs = [None if x is None else x.clone() for x in inputs]
         self.snapshot = WeightSnapshot(module)
+        self.compiled = compile_backend is not None
+        if self.compiled:
+            function = compile_for_one_shape(function, compile_backend)
         benchmark = torch.backends.cudnn.benchmark
         # cuDNN's benchmark mode times each convolution's algorithms for this shape during warm-up
         # and caches the choice, which the capture then records; it is switched back afterwards so
@@ -130,8 +194,17 @@ class CapturedGraph:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(WARMUP_RUNS):
-                    function(*self.static_inputs)
+                for run in range(WARMUP_RUNS):
+                    if run == 0 and self.compiled:
+                        try:
+                            function(*self.static_inputs)  # compiles
+                        except Exception as error:
+                            raise CompileFailed(first_line(error)) from error
+                    else:
+                        function(*self.static_inputs)
+                    if run == 0:
+                        side.synchronize()
+                        self.first_run_seconds = time.perf_counter() - started
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: another thread's CUDA calls (a server's) don't invalidate this capture.
@@ -159,7 +232,9 @@ class CapturedGraph:
 class CaptureRecord:
     part: str  # "UNet" or "VAE decode"
     signature: tuple
-    seconds: float
+    seconds: float  # everything: compiling (if), warm-up runs, capture
+    compiled: bool = False
+    first_run_seconds: float = 0.0  # of which the first warm-up run, where compiling happens
 
 
 @dataclass
@@ -173,6 +248,8 @@ class GraphCache:
     part: str
     max_shapes: int = DEFAULT_MAX_SHAPES
     autotune: bool = True
+    compile_backend: str | None = None  # e.g. COMPILE_BACKEND: compile each shape before capturing it
+    passthrough: tuple = ()  # exception types raised on, not fallen back from (a user's Cancel)
     graphs: OrderedDict = field(default_factory=OrderedDict)
     failures: dict = field(default_factory=dict)  # signature → why capture failed (not retried)
     captures: list = field(default_factory=list)  # CaptureRecord per capture, in order
@@ -219,21 +296,42 @@ class GraphCache:
             self.graphs.popitem(last=False)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        if self.compile_backend is not None:
+            # Compiling is an optimisation: where it fails, the eager kernels are captured instead.
+            try:
+                return self._keep(signature, CapturedGraph(function, inputs, module, self._pool, self.autotune,
+                                                           self.compile_backend))
+            except self.passthrough:
+                raise
+            except CompileFailed as error:
+                if isinstance(error.__cause__, self.passthrough):
+                    raise error.__cause__
+                self.compile_backend = None  # the compiler itself failed: it would at every shape
+                self.say(f"{self.part}: torch.compile failed ({error}); capturing the eager kernels from now on")
+            except Exception as error:
+                self.say(f"{self.part}: the compiled kernels could not be captured for {describe(signature)} "
+                         f"({first_line(error)}); capturing the eager kernels for this shape")
+            torch.cuda.synchronize()
         try:
             graph = CapturedGraph(function, inputs, module, self._pool, self.autotune)
+        except self.passthrough:
+            raise
         except Exception as error:  # an op that cannot be captured: this shape runs eagerly from now on
-            reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            reason = first_line(error)
             self.failures[signature] = reason
             self.say(f"{self.part}: capture failed for {describe(signature)} ({reason}); running eager for this shape")
             torch.cuda.synchronize()
             return None
+        return self._keep(signature, graph)
+
+    def _keep(self, signature, graph: CapturedGraph) -> CapturedGraph:
         self.graphs[signature] = graph
-        record = CaptureRecord(self.part, signature, graph.capture_seconds)
+        record = CaptureRecord(self.part, signature, graph.capture_seconds, graph.compiled, graph.first_run_seconds)
         self.captures.append(record)
+        how = [what for what, used in (("compiled", graph.compiled), ("cuDNN autotuned", self.autotune)) if used]
         log.info("FewStepAccelerate: captured %s CUDA graph for %s in %.2f s%s; replayed for every later "
                  "call of this shape", self.part, describe(signature), graph.capture_seconds,
-                 " (cuDNN autotuned)" if self.autotune else "",
-                 extra={"fewstep_capture": record})
+                 f" ({', '.join(how)})" if how else "", extra={"fewstep_capture": record})
         return graph
 
     def eager(self, reason: str) -> None:
@@ -245,6 +343,10 @@ class GraphCache:
         if message not in self._said:
             self._said.add(message)
             log.warning("FewStepAccelerate: %s", message)
+
+
+def first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0][:300]
 
 
 def describe(signature: tuple) -> str:

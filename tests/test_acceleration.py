@@ -3,10 +3,14 @@
 CUDA graphs need a GPU; CI has none, so here every call takes the fallback path, with the node's
 wrappers and VAE override in place. The outputs must then equal the eager path's exactly: the same
 ComfyUI code computes them, so any difference is a wrapper passing something wrong. Whether graph
-replay itself matches eager (within fewstep.acceleration.RELATIVE_L2_TOLERANCE) is checked on the GPU
-by bench/gpu.py, which prints the measured error next to the timings.
+replay and Inductor's kernels match eager (within fewstep.acceleration.RELATIVE_L2_TOLERANCE) is
+checked on the GPU by bench/gpu.py, which prints the measured error next to the timings. What CPU can
+check of compiling is that Dynamo traces the very functions the node captures, through ComfyUI's
+wrapper executor, UNet and VAE decoder, in a real sampling run.
 """
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import pytest
@@ -15,10 +19,16 @@ import torch
 import lora_factory
 from graphs import PROMPT, SEED, text_and_model
 
+from comfyui_fewstep.fewstep import acceleration
 from comfyui_fewstep.fewstep.acceleration import (
+    COMPILE_BACKEND,
     RELATIVE_L2_TOLERANCE,
+    CompileFailed,
+    GraphCache,
     WeightSnapshot,
     agreement,
+    compile_for_one_shape,
+    compile_unavailable_reason,
     cuda_graph_unavailable_reason,
     tensor_signature,
 )
@@ -26,7 +36,7 @@ from comfyui_fewstep.fewstep.acceleration import (
 IMAGE_SIZE = 64  # an 8×8 latent: what is tested is the wiring, not the arithmetic
 
 
-def accelerated_prompt(tiny, family: str, steps: int, accelerate: bool) -> dict:
+def accelerated_prompt(tiny, family: str, steps: int, accelerate: bool, compile_kernels: bool = True) -> dict:
     """FewStep sampling and VAE decode; with `accelerate`, through FewStepAccelerate's MODEL and VAE."""
     model, vae = (["accel", 0], ["accel", 1]) if accelerate else (["ckpt", 0], ["ckpt", 2])
     prompt = {
@@ -45,7 +55,8 @@ def accelerated_prompt(tiny, family: str, steps: int, accelerate: bool) -> dict:
     }
     if accelerate:
         prompt["accel"] = {"class_type": "FewStepAccelerate", "inputs": {
-            "model": ["ckpt", 0], "vae": ["ckpt", 2], "autotune_convolutions": True, "max_shapes": 4}}
+            "model": ["ckpt", 0], "vae": ["ckpt", 2], "autotune_convolutions": True, "max_shapes": 4,
+            "compile_kernels": compile_kernels}}
     return prompt
 
 
@@ -65,6 +76,108 @@ def test_accelerated_graph_on_cpu_falls_back_and_equals_eager(comfy, request, ba
     assert np.array_equal(read_images(accelerated), read_images(eager))
     (message,) = accelerated.outputs["accel"]["text"]
     assert "CUDA graphs need a CUDA device" in message and "run eager" in message
+
+
+@pytest.mark.parametrize("base,family,steps", [("sd15", "lcm", 2), ("sdxl", "lightning", 2)])
+def test_dynamo_traces_what_the_node_captures_in_a_real_sampling_run(comfy, request, monkeypatch, base, family, steps):
+    """With the CUDA-only parts taken out (the device checks, the graph replay), the node must hand
+    its caches the compiler, and its wrappers their functions to compile_for_one_shape, which must
+    trace each — ComfyUI's wrapper
+    executor, UNetModel._forward, the VAE decoder — into one graph whose results equal eager. The
+    `aot_eager` backend runs the traced ATen graph without generating kernels (Inductor's GPU kernels
+    are the benchmark's to check)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    tiny = request.getfixturevalue(base)
+    node_module = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["FewStepAccelerate"].__module__]
+    counters, backends = {}, {}
+
+    def compile_and_run(cache, signature, function, inputs, module):
+        backends[cache.part] = cache.compile_backend
+        counter = counters.setdefault(cache.part, CompileCounterWithBackend("aot_eager"))
+        return compile_for_one_shape(function, backend=counter)(*inputs)
+
+    # The attention ComfyUI picks on a CUDA GPU (SDPA) rather than its CPU choice (sub-quadratic
+    # attention, which asks psutil for free memory inside the UNet and so breaks the graph there).
+    import comfy.ldm.modules.attention as attention
+    import comfy.ldm.modules.diffusionmodules.model as vae_model
+
+    monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+    monkeypatch.setattr(attention, "optimized_attention_masked", attention.attention_pytorch)
+    monkeypatch.setattr(vae_model, "vae_attention", lambda: vae_model.pytorch_attention)
+    monkeypatch.setattr(node_module, "cuda_graph_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(node_module, "compile_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(node_module.GraphCache, "run", compile_and_run)
+    eager = comfy.run(accelerated_prompt(tiny, family, steps, accelerate=False))
+    compiled = comfy.run(accelerated_prompt(tiny, family, steps, accelerate=True))
+
+    assert backends == {"UNet": COMPILE_BACKEND, "VAE decode": COMPILE_BACKEND}
+    for part, counter in counters.items():
+        # One graph for the whole call, reused at every step:
+        # a graph break would split Inductor's fusion and mean a Python fallback inside the UNet.
+        assert (counter.frame_count, counter.op_count > 100) == (1, True), part
+    # aot_eager runs the same ATen ops in the same order; only decompositions may round differently.
+    assert agreement(compiled.latent("save"), eager.latent("save"), tolerance=1e-5).within_tolerance
+    assert np.abs(read_images(compiled).astype(int) - read_images(eager).astype(int)).max() <= 1
+
+
+def test_compiling_is_only_offered_on_cuda():
+    assert "CUDA" in compile_unavailable_reason("cpu")
+
+
+class Interrupted(Exception):
+    """Stands in for ComfyUI's InterruptProcessingException (a user's Cancel)."""
+
+
+@pytest.mark.parametrize("compiling, plain, expected_output, compiler_kept", [
+    (None, None, "compiled", True),
+    (CompileFailed("ValueError: no kernel"), None, "plain", False),  # the compiler failed: off for good
+    (RuntimeError("not capturable"), None, "plain", True),  # this shape's compiled kernels didn't capture
+    (CompileFailed("ValueError: no kernel"), RuntimeError("not capturable"), None, False),  # then eager
+])
+def test_graph_cache_falls_back_from_compiling_to_plain_capture_to_eager(
+        monkeypatch, compiling, plain, expected_output, compiler_kept):
+    """GraphCache's fallback order, with CapturedGraph (CUDA-only) replaced by one that fails as told."""
+
+    class CapturedGraphFailingAsTold:
+        def __init__(self, function, inputs, module, pool, autotune, compile_backend=None):
+            self.compiled = compile_backend is not None
+            failure = compiling if self.compiled else plain
+            if failure is not None:
+                raise failure
+            self.capture_seconds = self.first_run_seconds = 0.0
+
+        def __call__(self, inputs):
+            return "compiled" if self.compiled else "plain"
+
+    monkeypatch.setattr(acceleration, "CapturedGraph", CapturedGraphFailingAsTold)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    cache = GraphCache("UNet", compile_backend=COMPILE_BACKEND, passthrough=(Interrupted,))
+    output = cache.run(("shape",), None, [], torch.nn.Module())
+    assert output == expected_output
+    assert (cache.compile_backend == COMPILE_BACKEND) == compiler_kept
+    assert ("shape",) in cache.failures if expected_output is None else not cache.failures
+    if compiling is not None:
+        assert any(("torch.compile failed" if isinstance(compiling, CompileFailed) else "could not be captured") in said
+                   for said in cache._said)
+
+
+@pytest.mark.parametrize("raised", [Interrupted(), CompileFailed("interrupted while compiling")])
+def test_graph_cache_passes_a_cancel_through_instead_of_falling_back(monkeypatch, raised):
+    if isinstance(raised, CompileFailed):
+        raised.__cause__ = Interrupted()
+
+    class CapturedGraphCancelled:
+        def __init__(self, *args, **kwargs):
+            raise raised
+
+    monkeypatch.setattr(acceleration, "CapturedGraph", CapturedGraphCancelled)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    cache = GraphCache("UNet", compile_backend=COMPILE_BACKEND, passthrough=(Interrupted,))
+    with pytest.raises(Interrupted):
+        cache.run(("shape",), None, [], torch.nn.Module())
+    assert cache.compile_backend == COMPILE_BACKEND and not cache.failures
 
 
 def test_accelerated_vae_decode_equals_vae_decode_in_float(comfy, sd15):
@@ -122,7 +235,9 @@ def test_node_schema_has_a_tooltip_on_every_input(comfy):
     node = comfy.nodes.NODE_CLASS_MAPPINGS["FewStepAccelerate"]
     info = node.GET_SCHEMA() if hasattr(node, "GET_SCHEMA") else node.define_schema()
     assert info.category.startswith("sampling/few-step")
-    assert [i.id for i in info.inputs] == ["model", "vae", "autotune_convolutions", "max_shapes"]
+    # compile_kernels came later: last and optional, so older workflows' widget values stay in place.
+    assert [i.id for i in info.inputs] == ["model", "vae", "autotune_convolutions", "max_shapes", "compile_kernels"]
+    assert [i.optional for i in info.inputs][-1] is True
     assert all(i.tooltip for i in info.inputs)
 
 
