@@ -12,7 +12,8 @@ call (CUDA events around UNetModel.forward / diffusers' UNet), the VAE decode st
 synchronised, around VAEDecode / around vae.decode through `.cpu()`), peak VRAM the process reserved
 (torch's caching allocator, CUDA-graph pools included), and images/s at batch 4.
 
-    python3 bench/gpu.py                       # CUDA: the full table (86 s on an H200 with --reps 5 --reps4 3)
+    python3 bench/gpu.py                       # CUDA: the full table; compiling takes most of it, about
+                                               # 4 min per SDXL model with a cold Inductor cache (H200)
     python3 bench/gpu.py --smoke               # CPU: tiny models, 64² images, one repetition
     python3 bench/gpu.py --configs turbo --out bench/out
 """
@@ -85,7 +86,7 @@ CONFIGS = [  # turbo first: the quickest exercise of every column
     Config("lcm_lora", "LCM-LoRA SD1.5 4-step 512²", "sd15", "lcm", 4, 512, lora=True),
 ]
 COLUMNS = ["diffusers eager", "ComfyUI native", "ComfyUI + FewStep", "ComfyUI + FewStep accelerated"]
-ABLATION = "accelerated, autotune_convolutions flipped"  # --ablation: the other setting, same run
+ABLATION = "accelerated, CUDA graphs only"  # --ablation: FewStepAccelerate with compile_kernels off, same run
 
 # The real architectures (diffusers configs of stabilityai/stable-diffusion-xl-base-1.0 and
 # runwayml/stable-diffusion-v1-5) and the same UNets as ComfyUI ldm configs for the key map.
@@ -493,9 +494,9 @@ class _QuietServer:
 
 
 def comfy_prompt(config: Config, built: Built, route: str, batch: int, seed: int, tag: str = "main",
-                 chain: str = "", autotune: bool = True) -> dict:
+                 chain: str = "", accelerate: dict | None = None) -> dict:
     """An API prompt for one column ('native', 'fewstep', 'accelerated'); `chain` prefixes node ids
-    so that two routes can sit in one prompt."""
+    so that two routes can sit in one prompt; `accelerate`: FewStepAccelerate's settings."""
     p = chain
     prompt = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": built.checkpoint_name}},
@@ -511,7 +512,7 @@ def comfy_prompt(config: Config, built: Built, route: str, batch: int, seed: int
         model = ["lora", 0]
     if route == "accelerated":
         prompt["accel"] = {"class_type": "FewStepAccelerate", "inputs": {
-            "model": model, "vae": vae, "autotune_convolutions": autotune, "max_shapes": 4}}
+            "model": model, "vae": vae, "max_shapes": 4, **(accelerate or {})}}
         model, vae = ["accel", 0], ["accel", 1]
     common = {"positive": ["pos", 0], "negative": ["neg", 0], "latent_image": [f"{p}latent", 0]}
     if route == "native":
@@ -599,10 +600,11 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
                 text = median(text_ms[args.warmups:])
             except Exception as error:
                 log(f"ComfyUI text encoding {config.key} FAILED: {error}\n{traceback.format_exc()}")
-            routes = [("native", COLUMNS[1], True), ("fewstep", COLUMNS[2], True), ("accelerated", COLUMNS[3], args.autotune)]
+            settings = {"compile_kernels": args.compile, "autotune_convolutions": args.autotune}
+            routes = [("native", COLUMNS[1], None), ("fewstep", COLUMNS[2], None), ("accelerated", COLUMNS[3], settings)]
             if args.ablation:
-                routes.append(("accelerated", ABLATION, not args.autotune))
-            for route, column, autotune in routes:
+                routes.append(("accelerated", ABLATION, {**settings, "compile_kernels": False}))
+            for route, column, accelerate in routes:
                 cell = Cell(text_ms=text)
                 if over_budget(args):
                     cell.error = "skipped: over the time budget"
@@ -612,14 +614,18 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
                     for batch in (1, 4):
                         warmups, reps = (args.warmups, args.reps) if batch == 1 else (args.warmups4, args.reps4)
                         before = len(captures.records)
-                        first = comfy.run(comfy_prompt(config, built, route, batch, SEED, autotune=autotune))
+                        first = comfy.run(comfy_prompt(config, built, route, batch, SEED, accelerate=accelerate))
                         for i in range(warmups - 1):
-                            comfy.run(comfy_prompt(config, built, route, batch, SEED + 1 + i, autotune=autotune))
+                            comfy.run(comfy_prompt(config, built, route, batch, SEED + 1 + i, accelerate=accelerate))
                         capture_s = sum(r.seconds for r in captures.records[before:])
+                        if accelerate and accelerate["compile_kernels"] and not all(
+                                r.compiled for r in captures.records[before:]):
+                            raise RuntimeError("compile_kernels is on but a graph was captured without compiling "
+                                               "(FewStepAccelerate's warning above says why)")
                         memory.reset()
                         vae_ms.clear()
                         unet_marks.recording = True
-                        runs = [comfy.run(comfy_prompt(config, built, route, batch, SEED + 100 + i, autotune=autotune))
+                        runs = [comfy.run(comfy_prompt(config, built, route, batch, SEED + 100 + i, accelerate=accelerate))
                                 for i in range(reps)]
                         unet_marks.recording = False
                         stats = (median(runs), median(unet_marks.take_ms()), median(vae_ms), memory.peak_gib())
@@ -630,7 +636,7 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
                             cell.e2e4_ms, cell.unet4_ms, cell.vae4_ms, cell.peak4_gib = stats
                             cell.capture4_s = capture_s
                     if route == "accelerated":
-                        cell.check = accelerated_agreement(comfy, config, built, autotune)
+                        cell.check = accelerated_agreement(comfy, config, built, accelerate)
                     log(f"ComfyUI {column} {config.key}: {cell.e2e_ms:.1f} ms (b1), {cell.e2e4_ms:.1f} ms (b4)"
                         + (f", capture {cell.capture_s:.2f}s + {cell.capture4_s:.2f}s, " + "; ".join(
                             f"{b} latent {c['latent']} image {c['image']}" for b, c in cell.check.items())
@@ -646,14 +652,14 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
         comfy.nodes.VAEDecode.decode, comfy.nodes.CLIPTextEncode.encode = decode, encode
 
 
-def accelerated_agreement(comfy: Comfy, config: Config, built: Built, autotune: bool) -> dict:
+def accelerated_agreement(comfy: Comfy, config: Config, built: Built, accelerate: dict) -> dict:
     """The accelerated chain and the eager FewStep chain in one prompt, same seed: their final
     latents and decoded images compared (fewstep.acceleration.agreement)."""
     check = {}
     for batch in (1, 4):
         prompt = comfy_prompt(config, built, "fewstep", batch, CHECK_SEED, tag="eager", chain="eager_")
         prompt.update(comfy_prompt(config, built, "accelerated", batch, CHECK_SEED, tag="accelerated",
-                                   autotune=autotune))
+                                   accelerate=accelerate))
         comfy.run(prompt)
         (eager_images, eager_latent), (images, latent) = comfy.kept["eager"], comfy.kept["accelerated"]
         check[f"b{batch}"] = {"latent": agreement(latent, eager_latent), "image": agreement(images, eager_images),
@@ -725,7 +731,7 @@ def fmt(value, digits=1, suffix=""):
 
 def table(configs, results: dict) -> str:
     header = ("| model | path | e2e b1 ms | speed-up vs diffusers | UNet ms/call | VAE ms | text enc ms | "
-              "peak GiB b1 | e2e b4 ms | img/s b4 | speed-up b4 | peak GiB b4 | capture s (b1+b4) | "
+              "peak GiB b1 | e2e b4 ms | img/s b4 | speed-up b4 | peak GiB b4 | compile + capture s (b1+b4) | "
               "accelerated vs eager rel L2 (latent / image, b1; b4) |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for config in configs:
@@ -788,7 +794,8 @@ def write_report(out: Path, configs, results: dict, env: dict, args) -> str:
     env_lines = "\n".join(f"- {k}: {v}" for k, v in env.items())
     report = (f"{env_lines}\n\n{table(configs, results)}\n\n" + "\n".join(targets(configs, results))
               + f"\n\nreps: batch 1 median of {args.reps} after {args.warmups} warm-ups; batch 4 median of "
-                f"{args.reps4} after {args.warmups4}; FewStepAccelerate autotune_convolutions={args.autotune}; "
+                f"{args.reps4} after {args.warmups4}; FewStepAccelerate compile_kernels={args.compile}, "
+                f"autotune_convolutions={args.autotune}; "
                 f"tolerance rel L2 ≤ {RELATIVE_L2_TOLERANCE:g}; bench wall time {time.perf_counter() - STARTED:.0f} s\n")
     (out / "results.md").write_text(report)
     (out / "results.json").write_text(json.dumps({"environment": env, "results": to_json(results)}, indent=1, default=str))
@@ -811,8 +818,10 @@ def main(argv=None) -> int:
     parser.add_argument("--reps4", type=int, default=None, help="timed runs at batch 4 (default 6; smoke 1)")
     parser.add_argument("--no-autotune", dest="autotune", action="store_false",
                         help="FewStepAccelerate's autotune_convolutions off")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="FewStepAccelerate's compile_kernels off")
     parser.add_argument("--ablation", action="store_true",
-                        help="also time the accelerated path with autotune_convolutions flipped")
+                        help="also time the accelerated path with compile_kernels off (CUDA graphs only)")
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench/out")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="skip the cells not started after this many seconds (a device call's limit)")
