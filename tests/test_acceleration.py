@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lora_factory
-from graphs import PROMPT, SEED, text_and_model
+from graphs import SEED, text_and_model
 
 from comfyui_fewstep.fewstep import acceleration
 from comfyui_fewstep.fewstep.acceleration import (

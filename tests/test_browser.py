@@ -28,11 +28,13 @@ from browser_harness import (
     ARTIFACTS,
     CHROMIUM_ARGS,
     DEVICE_SCALE_FACTOR,
+    SAME_PICTURE_MAX_CHANGED_PIXELS,
     VIEWPORT,
     Frontend,
     require_browser,
     save_small_png,
     save_thumbnail,
+    visibly_changed_pixels,
     write_frontend_settings,
 )
 from comfy_harness import (
@@ -591,3 +593,18 @@ def test_choosing_a_loader_file_moves_the_widgets_it_feeds(frontend, server):
         wait_for_badge(frontend, sampler, text)
         wait_for_badge(frontend, loader, text)
     frontend.screenshot(ARTIFACTS / "extension-file_chosen.png")
+
+
+def test_screenshot_comparison_ignores_antialiasing_but_sees_a_changed_digit():
+    """save_small_png keeps a committed screenshot unless the retake visibly differs: the shade noise
+    of a retake (every level moved a little) must count as the same picture, one digit drawn into it
+    as a different one."""
+    from PIL import Image, ImageDraw
+
+    with Image.open(PACK_ROOT / "docs" / "screenshots" / "sdxl_lightning_4step_lora.png") as committed:
+        screenshot = committed.convert("RGB")
+    shaded = screenshot.point(lambda value: min(255, value + 6))
+    assert visibly_changed_pixels(screenshot, shaded) == 0
+    with_digit = screenshot.copy()
+    ImageDraw.Draw(with_digit).text((700, 300), "8", fill=(220, 220, 220))
+    assert visibly_changed_pixels(screenshot, with_digit) > SAME_PICTURE_MAX_CHANGED_PIXELS
