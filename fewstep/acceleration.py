@@ -297,6 +297,9 @@ class GraphCache:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         if self.compile_backend is not None:
+            # Said before the wait, which is long enough to look like a hang in the console.
+            log.info("FewStepAccelerate: compiling the %s for %s with torch.compile, then capturing it; the first "
+                     "time for a model and size this takes a minute or two", self.part, describe(signature))
             # Compiling is an optimisation: where it fails, the eager kernels are captured instead.
             try:
                 return self._keep(signature, CapturedGraph(function, inputs, module, self._pool, self.autotune,

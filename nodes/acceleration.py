@@ -215,6 +215,8 @@ class FewStepAccelerate(io.ComfyNode):
             how = "compiled with torch.compile and captured as CUDA graphs" if backend else "captured as CUDA graphs"
             message = (f"On {model.load_device}, UNet and VAE decode are {how} at the first run of each image "
                        f"size and batch (up to {max_shapes} kept), replayed on later runs; times go to the log.")
+            if backend:
+                message += " Compiling makes that first run about two minutes longer for SDXL."
             if compile_reason:
                 message += f" Not compiled: {compile_reason}."
         return io.NodeOutput(accelerated, accelerated_vae, ui=ui.PreviewText(message))
