@@ -320,8 +320,8 @@ class Frontend:
         self.frames()
 
 
-# Retakes of the 13 workflow screenshots gave 0 visibly changed pixels (up to 8,779 raw ones); one
-# digit drawn into a widget gives 30–40.
+# Measured: retakes of the 13 workflow screenshots gave 0 visibly changed pixels (up to 8,779 raw
+# ones); the first sentence of a workflow's note reworded gave 136, one digit drawn into a widget 39.
 SAME_PICTURE_MAX_CHANGED_PIXELS = 16
 
 
@@ -349,16 +349,17 @@ def save_small_png(source: Path, target: Path, max_bytes: int = 250_000,
 
 
 def visibly_changed_pixels(before, after) -> int:
-    """Pixels whose grey level moved by more than 32 of 255 once both pictures are blurred by 1.5 px.
+    """Pixels whose grey level moved by more than 32 of 255 once both pictures are blurred by 0.7 px.
 
     From run to run Chromium antialiases text and edges a little differently and the palette is
     chosen anew: thousands of pixels change by a few levels, on single-pixel edges (a visually
-    identical retake differed in 8,779 raw pixels). The blur spreads those over their neighbours and
-    under the threshold; a changed widget value, moved node or new text is a block of strong
-    contrast and stays above it."""
+    identical retake differed in 8,779 raw pixels, none by more than 64 levels). The slight blur
+    takes single-pixel speckle under the threshold; changed text, a widget value or a moved node is
+    strong contrast over several pixels and stays above it. (A 1.5 px blur also hid a reworded
+    sentence in a note's small print.)"""
     from PIL import ImageChops, ImageFilter
 
-    blur = ImageFilter.GaussianBlur(1.5)
+    blur = ImageFilter.GaussianBlur(0.7)
     difference = ImageChops.difference(before.convert("L").filter(blur), after.convert("L").filter(blur))
     count = difference.point(lambda value: 255 if value > 32 else 0).histogram()[255]
     return count
