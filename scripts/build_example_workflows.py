@@ -142,6 +142,23 @@ WORKFLOWS = [
                  empty_latent(512),
                  *custom_sampling("turbo", 1, ("ckpt", "MODEL"), ("latent", 0), prefix="FewStep/sdxl_turbo"),
              ]),
+    Workflow("sdxl_turbo_1step_accelerated",
+             "## SDXL-Turbo · 1 step · accelerated\n\nSDXL-Turbo's text-to-image workflow with Few-Step "
+             "Accelerate between the checkpoint and the sampler: the UNet and the VAE decode are compiled "
+             "(torch.compile) and replayed as CUDA graphs. The first run of a size compiles (about two "
+             "minutes for SDXL, under one once Inductor's cache is warm); later runs took 27 ms on an H200, "
+             "against 73 ms without it (bench/RESULTS.md). On a CPU, with a ControlNet or with model "
+             "patches it runs eagerly and says why.\n\n"
+             + download([f"`models/checkpoints/{SDXL_TURBO}` — stabilityai/sdxl-turbo"]), [
+                 N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SDXL_TURBO}, column=0),
+                 N("accel", "FewStepAccelerate",
+                   {"autotune_convolutions": True, "max_shapes": 4, "compile_kernels": True},
+                   {"model": ("ckpt", "MODEL"), "vae": ("ckpt", "VAE")}, 0, "Few-Step Accelerate"),
+                 *sdxl_text("ckpt"),
+                 empty_latent(512),
+                 *custom_sampling("turbo", 1, ("accel", "MODEL"), ("latent", 0), vae_from=("accel", "VAE"),
+                                  prefix="FewStep/sdxl_turbo_accelerated"),
+             ]),
     Workflow("sdxl_turbo_2step_img2img",
              "## SDXL-Turbo · image to image · 2 steps at denoise 0.5\n\nThe sdxl-turbo card's img2img: "
              "strength 0.5 with 2 steps runs int(2 × 0.5) = 1 step, at t = 499 (steps × denoise must be "

@@ -263,11 +263,12 @@ def test_example_workflow_opens_from_templates_and_runs(frontend, camera, server
     wait_for_graph(frontend, workflow)
     assert frontend.problems() == [], f"opening {stem} from the templates browser showed a dialog or warning"
 
-    # Every FewStep sampling node shows its family's reference before anything runs (one fed by a
-    # loader's settings shows the loader's family once the loader has run, checked below).
+    # Every FewStep sampling node (those with a family) shows its family's reference before anything
+    # runs (one fed by a loader's settings shows the loader's family once the loader has run, below).
     for node_id, family in frontend.page.evaluate(
         """() => app.graph.nodes
-             .filter(n => n.type.startsWith('FewStep') && !n.outputs.some(o => o.type === 'FEWSTEP_SETTINGS')
+             .filter(n => n.type.startsWith('FewStep') && (n.widgets || []).some(w => w.name === 'family')
+                          && !n.outputs.some(o => o.type === 'FEWSTEP_SETTINGS')
                           && !n.inputs.some(i => i.type === 'FEWSTEP_SETTINGS' && i.link != null))
              .map(n => [n.id, n.widgets.find(w => w.name === 'family')?.value])"""
     ):
