@@ -195,16 +195,12 @@ class CapturedGraph:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for run in range(WARMUP_RUNS):
-                    if run == 0 and self.compiled:
-                        try:
-                            function(*self.static_inputs)  # compiles
-                        except Exception as error:
-                            raise CompileFailed(first_line(error)) from error
-                    else:
+                    try:
                         function(*self.static_inputs)
-                    if run == 0:
-                        side.synchronize()
-                        self.first_run_seconds = time.perf_counter() - started
+                    except Exception as error:
+                        if run == 0 and self.compiled:  # the first run is where torch.compile compiles
+                            raise CompileFailed(first_line(error)) from error
+                        raise
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: another thread's CUDA calls (a server's) don't invalidate this capture.
@@ -234,7 +230,6 @@ class CaptureRecord:
     signature: tuple
     seconds: float  # everything: compiling (if), warm-up runs, capture
     compiled: bool = False
-    first_run_seconds: float = 0.0  # of which the first warm-up run, where compiling happens
 
 
 @dataclass
@@ -329,7 +324,7 @@ class GraphCache:
 
     def _keep(self, signature, graph: CapturedGraph) -> CapturedGraph:
         self.graphs[signature] = graph
-        record = CaptureRecord(self.part, signature, graph.capture_seconds, graph.compiled, graph.first_run_seconds)
+        record = CaptureRecord(self.part, signature, graph.capture_seconds, graph.compiled)
         self.captures.append(record)
         how = [what for what, used in (("compiled", graph.compiled), ("cuDNN autotuned", self.autotune)) if used]
         log.info("FewStepAccelerate: captured %s CUDA graph for %s in %.2f s%s; replayed for every later "

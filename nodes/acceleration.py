@@ -191,11 +191,11 @@ class FewStepAccelerate(io.ComfyNode):
                 compile_kernels=True) -> io.NodeOutput:
         graph_reasons = {reason for reason in (cuda_graph_unavailable_reason(model.load_device),
                                                cuda_graph_unavailable_reason(vae.device)) if reason}
-        compile_reason = None
+        compile_reason = backend = None
         if compile_kernels and not graph_reasons:
             compile_reason = (compile_unavailable_reason(model.load_device)
                               or compile_unavailable_reason(vae.device))
-        backend = COMPILE_BACKEND if compile_kernels and not graph_reasons and not compile_reason else None
+            backend = None if compile_reason else COMPILE_BACKEND
 
         # A user's Cancel raised inside a UNet or decoder run must stop the prompt, not be fallen back from.
         passthrough = (comfy.model_management.InterruptProcessingException,)

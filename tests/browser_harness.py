@@ -361,8 +361,7 @@ def visibly_changed_pixels(before, after) -> int:
 
     blur = ImageFilter.GaussianBlur(0.7)
     difference = ImageChops.difference(before.convert("L").filter(blur), after.convert("L").filter(blur))
-    count = difference.point(lambda value: 255 if value > 32 else 0).histogram()[255]
-    return count
+    return difference.point(lambda value: 255 if value > 32 else 0).histogram()[255]
 
 
 def save_thumbnail(screenshot: Path, target: Path, width: int = 640) -> Path:
