@@ -16,11 +16,13 @@ Torch only; the ComfyUI side (ModelPatcher wrappers, the VAE object) is in nodes
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
@@ -147,6 +149,89 @@ def compile_for_one_shape(function: Callable[..., torch.Tensor], backend=COMPILE
     return call
 
 
+# ------------------------------------------------------------------ what the compiler traces instead
+# Two of the VAE decoder's operations are slow as ComfyUI writes them once Inductor has laid the
+# activations out channels-last (bench/gpu_profile.py, bench/vae_kernels.py). The compiled decode
+# traces these equivalents instead; eager code is unchanged.
+
+def group_norm_by_channel_sums(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                               bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """torch.nn.functional.group_norm, computed from per-channel sums over the positions.
+
+    Channels-last, a group's channels are interleaved with every pixel, and a reduction over the group
+    reads memory in short strided pieces; summing each channel over the positions reads whole rows of
+    contiguous channels instead, and the groups' totals are then a sum over a few numbers.
+    One pass, in float32, on x − s with s one sample of each group (its first channel at the first
+    position): var = E[(x − s)²] − E[x − s]² then loses nothing to cancellation where the mean is far
+    from zero, because s lies within the group's spread.
+    """
+    batch, channels = x.shape[:2]
+    per_group = channels // num_groups
+    positions = tuple(range(2, x.ndim))
+    count = per_group * math.prod(x.shape[2:])
+    broadcast = (batch, channels) + (1,) * len(positions)
+    values = x.float()
+    shift = values[(slice(None), slice(None, None, per_group)) + (0,) * len(positions)]  # (batch, groups)
+    centred = values - shift.repeat_interleave(per_group, dim=1).view(broadcast)
+    group_sum = centred.sum(positions).view(batch, num_groups, per_group).sum(-1)
+    group_square_sum = (centred * centred).sum(positions).view(batch, num_groups, per_group).sum(-1)
+    shifted_mean = group_sum / count
+    variance = (group_square_sum / count - shifted_mean * shifted_mean).clamp_min(0)
+    mean = (shifted_mean + shift).repeat_interleave(per_group, dim=1).view(broadcast)
+    inverse_std = torch.rsqrt(variance + eps).repeat_interleave(per_group, dim=1).view(broadcast)
+    normalised = (values - mean) * inverse_std
+    if weight is not None:
+        normalised = normalised * weight.float().view((1, channels) + (1,) * len(positions))
+    if bias is not None:
+        normalised = normalised + bias.float().view((1, channels) + (1,) * len(positions))
+    return normalised.to(x.dtype)
+
+
+# Below this many elements a GroupNorm input is left to torch's group_norm: Inductor's own reduction
+# is as fast there (H200, bench/vae_kernels.py: 0.92× at 512 channels × 128², 1.25× at × 256²,
+# 1.9–3.1× from 2**26 elements up, the VAE decoder's high-resolution stages).
+CHANNEL_SUMS_MIN_ELEMENTS = 2**24
+
+
+def group_norm_for_compiler(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                            bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """group_norm as the compiled VAE decoder computes it: by channel sums where the input is large."""
+    if x.numel() < CHANNEL_SUMS_MIN_ELEMENTS:
+        return torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
+    return group_norm_by_channel_sums(x, num_groups, weight, bias, eps)
+
+
+# The largest score matrix attention_by_matmuls materialises at once: 2**28 elements, 512 MiB in bf16.
+MAX_ATTENTION_SCORES = 2**28
+
+
+def attention_by_matmuls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         max_scores: int = MAX_ATTENTION_SCORES) -> torch.Tensor:
+    """One-head attention over the positions of (batch, channels, H, W) maps, as the VAE's AttnBlock
+    does, written as QKᵀ, softmax and ·V: two matrix products and one fusable softmax.
+
+    The VAE's single head has 512 channels, more than the flash kernels take, so scaled_dot_product_
+    attention runs the memory-efficient kernel, slower than the two matrix products (bench/
+    vae_kernels.py). Scores are rounded to the inputs' dtype, as ComfyUI's split attention does, and
+    the softmax runs in float32; the queries are taken in chunks so that no more than `max_scores`
+    scores exist at once.
+    """
+    batch, channels = q.shape[:2]
+    positions = math.prod(q.shape[2:])
+    queries = q.reshape(batch, channels, positions).transpose(1, 2)
+    keys = k.reshape(batch, channels, positions)
+    values = v.reshape(batch, channels, positions).transpose(1, 2)
+    scale = channels ** -0.5
+    chunk = max(1, min(positions, max_scores // (batch * positions)))
+    pieces = []
+    for start in range(0, positions, chunk):
+        scores = torch.bmm(queries[:, start:start + chunk], keys)
+        weights = torch.softmax(scores.float() * scale, dim=-1).to(values.dtype)
+        pieces.append(torch.bmm(weights, values))
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+    return out.transpose(1, 2).reshape(q.shape)
+
+
 class WeightSnapshot:
     """The storage address of every parameter and buffer of a module, as a graph captured them.
 
@@ -178,34 +263,39 @@ class CapturedGraph:
     """
 
     def __init__(self, function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | None],
-                 module: torch.nn.Module, pool, autotune: bool, compile_backend: str | None = None):
+                 module: torch.nn.Module, pool, autotune: bool, compile_backend: str | None = None,
+                 tracing_context: Callable[[], ContextManager] | None = None):
+        """`tracing_context`, where compiling: entered around the warm-up runs and the capture, which
+        is while the compiler traces `function` (see GraphCache.run)."""
         started = time.perf_counter()
         self.static_inputs = [None if x is None else x.clone() for x in inputs]
         self.snapshot = WeightSnapshot(module)
         self.compiled = compile_backend is not None
         if self.compiled:
             function = compile_for_one_shape(function, compile_backend)
+        traced = tracing_context() if self.compiled and tracing_context is not None else contextlib.nullcontext()
         benchmark = torch.backends.cudnn.benchmark
         # cuDNN's benchmark mode times each convolution's algorithms for this shape during warm-up
         # and caches the choice, which the capture then records; it is switched back afterwards so
         # eager code elsewhere in the process is unaffected.
         torch.backends.cudnn.benchmark = autotune or benchmark
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for run in range(WARMUP_RUNS):
-                    try:
-                        function(*self.static_inputs)
-                    except Exception as error:
-                        if run == 0 and self.compiled:  # the first run is where torch.compile compiles
-                            raise CompileFailed(first_line(error)) from error
-                        raise
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: another thread's CUDA calls (a server's) don't invalidate this capture.
-            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-                self.static_output = function(*self.static_inputs)
+            with traced:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for run in range(WARMUP_RUNS):
+                        try:
+                            function(*self.static_inputs)
+                        except Exception as error:
+                            if run == 0 and self.compiled:  # the first run is where torch.compile compiles
+                                raise CompileFailed(first_line(error)) from error
+                            raise
+                torch.cuda.current_stream().wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                # thread_local: another thread's CUDA calls (a server's) don't invalidate this capture.
+                with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                    self.static_output = function(*self.static_inputs)
         finally:
             torch.backends.cudnn.benchmark = benchmark
         if not isinstance(self.static_output, torch.Tensor):
@@ -254,8 +344,14 @@ class GraphCache:
     _said: set = field(default_factory=set)
 
     def run(self, signature: tuple, function: Callable[..., torch.Tensor],
-            inputs: Sequence[torch.Tensor | None], module: torch.nn.Module) -> torch.Tensor | None:
-        """The graph's output for `inputs` (capturing it the first time), or None: run eagerly."""
+            inputs: Sequence[torch.Tensor | None], module: torch.nn.Module,
+            tracing_context: Callable[[], ContextManager] | None = None) -> torch.Tensor | None:
+        """The graph's output for `inputs` (capturing it the first time), or None: run eagerly.
+
+        `tracing_context` makes a context under which the compiler traces `function`: where an
+        operation is written differently for it than for eager (fewstep.acceleration's
+        group_norm_by_channel_sums, attention_by_matmuls). The eager kernels are captured without it.
+        """
         if signature in self.failures:
             return None
         graph = self.graphs.get(signature)
@@ -264,7 +360,7 @@ class GraphCache:
             del self.graphs[signature]
             graph = None
         if graph is None:
-            graph = self._capture(signature, function, inputs, module)
+            graph = self._capture(signature, function, inputs, module, tracing_context)
             if graph is None:
                 return None
         self.graphs.move_to_end(signature)
@@ -286,7 +382,11 @@ class GraphCache:
             self._trusted.add(id(graph))
         return True
 
-    def _capture(self, signature, function, inputs, module) -> CapturedGraph | None:
+    def has(self, signature: tuple) -> bool:
+        """Whether a graph is kept for `signature` (it replays in its own memory pool)."""
+        return signature in self.graphs
+
+    def _capture(self, signature, function, inputs, module, tracing_context=None) -> CapturedGraph | None:
         while len(self.graphs) >= self.max_shapes:
             self.graphs.popitem(last=False)
         if self._pool is None:
@@ -298,7 +398,7 @@ class GraphCache:
             # Compiling is an optimisation: where it fails, the eager kernels are captured instead.
             try:
                 return self._keep(signature, CapturedGraph(function, inputs, module, self._pool, self.autotune,
-                                                           self.compile_backend))
+                                                           self.compile_backend, tracing_context))
             except self.passthrough:
                 raise
             except CompileFailed as error:

@@ -9,19 +9,25 @@ patches the weights themselves), so a graph of the patched model runs no LoRA co
 """
 from __future__ import annotations
 
+import contextlib
+import types
+
 import torch
 
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.sd
+from comfy.ldm.modules.diffusionmodules.model import AttnBlock
 from comfy_api.latest import io, ui
 
 from ..fewstep.acceleration import (
     COMPILE_BACKEND,
     DEFAULT_MAX_SHAPES,
     GraphCache,
+    attention_by_matmuls,
     compile_unavailable_reason,
     cuda_graph_unavailable_reason,
+    group_norm_for_compiler,
     tensor_signature,
 )
 
@@ -116,15 +122,19 @@ class AcceleratedVAE(comfy.sd.VAE):
             memory_used = self.memory_used_decode(samples_in.shape, self.vae_dtype)
             comfy.model_management.load_models_gpu([self.patcher], memory_required=memory_used,
                                                    force_full_load=self.disable_offload)
-            if int(comfy.model_management.get_free_memory(self.device) / memory_used) < samples_in.shape[0]:
+            latent = samples_in.to(self.vae_dtype).to(self.device)
+            signature = (tensor_signature(latent), torch.is_inference_mode_enabled())
+            # A kept graph replays in its own memory pool: only a capture needs the batch to fit now
+            # (checking for every decode would also cost a millisecond of the GPU idle).
+            if (not self.decode_graphs.has(signature)
+                    and int(comfy.model_management.get_free_memory(self.device) / memory_used) < samples_in.shape[0]):
                 reason = "the batch does not fit in free memory in one piece (ComfyUI splits it)"
         if reason is not None:
             self.decode_graphs.eager(reason)
             return super().decode(samples_in, vae_options)
 
-        latent = samples_in.to(self.vae_dtype).to(self.device)
-        signature = (tensor_signature(latent), torch.is_inference_mode_enabled())
-        image = self.decode_graphs.run(signature, self._decode_to_image, [latent], self.first_stage_model)
+        image = self.decode_graphs.run(signature, self._decode_to_image, [latent], self.first_stage_model,
+                                       tracing_context=lambda: decoder_traced_for_compiler(self.first_stage_model))
         if image is None:
             return super().decode(samples_in, vae_options)
         return self._to_output_device(image).movedim(1, -1)
@@ -144,6 +154,35 @@ class AcceleratedVAE(comfy.sd.VAE):
         output.copy_(image, non_blocking=True)
         torch.cuda.current_stream().synchronize()
         return output
+
+
+@contextlib.contextmanager
+def decoder_traced_for_compiler(first_stage_model: torch.nn.Module):
+    """While the compiler traces the VAE decoder: its GroupNorms computed by group_norm_for_compiler
+    and its attention by attention_by_matmuls, the forms Inductor makes fast (fewstep.acceleration
+    says why). Restored on leaving, so eager decodes stay ComfyUI's own. A GroupNorm whose weights
+    ComfyUI casts or patches per call keeps its own forward."""
+    decoder = getattr(first_stage_model, "decoder", first_stage_model)
+    norms = [module for module in decoder.modules() if isinstance(module, torch.nn.GroupNorm)
+             and not getattr(module, "comfy_cast_weights", False) and not getattr(module, "weight_function", None)
+             and not getattr(module, "bias_function", None)]
+    blocks = [module for module in decoder.modules() if isinstance(module, AttnBlock)]
+    attentions = [block.optimized_attention for block in blocks]
+    for norm in norms:
+        norm.forward = types.MethodType(_group_norm_for_compiler_forward, norm)
+    for block in blocks:
+        block.optimized_attention = attention_by_matmuls
+    try:
+        yield
+    finally:
+        for norm in norms:
+            del norm.forward  # the instance attribute: the class's forward shows through again
+        for block, attention in zip(blocks, attentions):
+            block.optimized_attention = attention
+
+
+def _group_norm_for_compiler_forward(norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return group_norm_for_compiler(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
 
 class FewStepAccelerate(io.ComfyNode):

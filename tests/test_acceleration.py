@@ -10,6 +10,7 @@ wrapper executor, UNet and VAE decoder, in a real sampling run.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import numpy as np
@@ -27,9 +28,11 @@ from comfyui_fewstep.fewstep.acceleration import (
     GraphCache,
     WeightSnapshot,
     agreement,
+    attention_by_matmuls,
     compile_for_one_shape,
     compile_unavailable_reason,
     cuda_graph_unavailable_reason,
+    group_norm_by_channel_sums,
     tensor_signature,
 )
 
@@ -90,12 +93,14 @@ def test_dynamo_traces_what_the_node_captures_in_a_real_sampling_run(comfy, requ
 
     tiny = request.getfixturevalue(base)
     node_module = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["FewStepAccelerate"].__module__]
-    counters, backends = {}, {}
+    counters, backends, traced_differently = {}, {}, {}
 
-    def compile_and_run(cache, signature, function, inputs, module):
+    def compile_and_run(cache, signature, function, inputs, module, tracing_context=None):
         backends[cache.part] = cache.compile_backend
+        traced_differently[cache.part] = tracing_context is not None
         counter = counters.setdefault(cache.part, CompileCounterWithBackend("aot_eager"))
-        return compile_for_one_shape(function, backend=counter)(*inputs)
+        with tracing_context() if tracing_context is not None else contextlib.nullcontext():
+            return compile_for_one_shape(function, backend=counter)(*inputs)
 
     # The attention ComfyUI picks on a CUDA GPU (SDPA) rather than its CPU choice (sub-quadratic
     # attention, which asks psutil for free memory inside the UNet and so breaks the graph there).
@@ -112,6 +117,8 @@ def test_dynamo_traces_what_the_node_captures_in_a_real_sampling_run(comfy, requ
     compiled = comfy.run(accelerated_prompt(tiny, family, steps, accelerate=True))
 
     assert backends == {"UNet": COMPILE_BACKEND, "VAE decode": COMPILE_BACKEND}
+    # The decoder is traced with its GroupNorms and attention in the compiler's forms.
+    assert traced_differently == {"UNet": False, "VAE decode": True}
     for part, counter in counters.items():
         # One graph for the whole call, reused at every step:
         # a graph break would split Inductor's fusion and mean a Python fallback inside the UNet.
@@ -140,7 +147,7 @@ def test_graph_cache_falls_back_from_compiling_to_plain_capture_to_eager(
     """GraphCache's fallback order, with CapturedGraph (CUDA-only) replaced by one that fails as told."""
 
     class CapturedGraphFailingAsTold:
-        def __init__(self, function, inputs, module, pool, autotune, compile_backend=None):
+        def __init__(self, function, inputs, module, pool, autotune, compile_backend=None, tracing_context=None):
             self.compiled = compile_backend is not None
             failure = compiling if self.compiled else plain
             if failure is not None:
@@ -193,6 +200,69 @@ def test_accelerated_vae_decode_equals_vae_decode_in_float(comfy, sd15):
     assert torch.equal(ours, expected)
     assert accelerated_vae.decode_graphs.eager_calls == 1 and not accelerated_vae.decode_graphs.graphs
     assert accelerated_vae.first_stage_model is vae.first_stage_model  # shares weights, no copy
+
+
+@pytest.mark.parametrize("channel_sums_from", [0, acceleration.CHANNEL_SUMS_MIN_ELEMENTS])
+def test_decoder_traced_for_compiler_swaps_norms_and_attention_and_restores_them(comfy, sd15, monkeypatch,
+                                                                                  channel_sums_from):
+    """What the compiler traces of ComfyUI's decoder: the same decode (float32 here), computed by
+    group_norm_for_compiler (by channel sums everywhere, or as on the GPU only from a size the tiny
+    VAE never reaches) and attention_by_matmuls; afterwards ComfyUI's own modules again."""
+    from comfy.ldm.modules.diffusionmodules.model import AttnBlock
+
+    node_module = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["FewStepAccelerate"].__module__]
+    pack_acceleration = sys.modules[node_module.group_norm_for_compiler.__module__]  # ComfyUI's import of it
+    monkeypatch.setattr(pack_acceleration, "CHANNEL_SUMS_MIN_ELEMENTS", channel_sums_from)
+    _, _, vae = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(sd15.checkpoint_name)
+    decoder = vae.first_stage_model.decoder
+    norms = [m for m in decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    blocks = [m for m in decoder.modules() if isinstance(m, AttnBlock)]
+    attentions = [block.optimized_attention for block in blocks]
+    assert norms and blocks
+    latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        expected = vae.first_stage_model.decode(latent)
+        with node_module.decoder_traced_for_compiler(vae.first_stage_model):
+            assert all(norm.forward.__func__ is node_module._group_norm_for_compiler_forward for norm in norms)
+            assert all(block.optimized_attention is node_module.attention_by_matmuls for block in blocks)
+            traced = vae.first_stage_model.decode(latent)
+    assert agreement(traced, expected, tolerance=1e-5).within_tolerance
+    assert all("forward" not in norm.__dict__ for norm in norms)
+    assert [block.optimized_attention for block in blocks] == attentions
+
+
+@pytest.mark.parametrize("shape, groups, channels_last", [
+    ((2, 64, 16, 16), 32, True), ((1, 32, 8, 12), 8, False), ((3, 12, 5), 4, False), ((1, 8, 2, 3, 4), 2, False)])
+def test_group_norm_by_channel_sums_equals_group_norm(shape, groups, channels_last):
+    generator = torch.Generator().manual_seed(11)
+    # A mean 1000 standard deviations from zero: a variance taken as E[x²] − E[x]² without the shift
+    # would lose every digit to cancellation in float32. Float32 itself rounds x − mean here to about
+    # 1e-5 of the spread, so the bound is PyTorch's own float32 group_norm's error.
+    x = torch.randn(shape, generator=generator) * 0.1 + 100.0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(shape[1], generator=generator) + 0.5, torch.randn(shape[1], generator=generator)
+    for affine in ((weight, bias), (None, None)):
+        expected = torch.nn.functional.group_norm(x.double(), groups, *(None if t is None else t.double() for t in affine),
+                                                  1e-6)
+        torch_error = agreement(torch.nn.functional.group_norm(x, groups, *affine, 1e-6), expected).relative_l2
+        ours = agreement(group_norm_by_channel_sums(x, groups, *affine, 1e-6), expected)
+        assert ours.relative_l2 <= 2 * torch_error + 1e-6, (ours, torch_error)
+
+
+@pytest.mark.parametrize("max_scores", [2**28, 64 * 10])  # one piece; queries in chunks of 5 (a short last one)
+def test_attention_by_matmuls_equals_scaled_dot_product_attention(max_scores):
+    generator = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 16, 8, 8, generator=generator) for _ in range(3))
+
+    def as_tokens(t):  # ComfyUI's VAE attention: (batch, 1 head, positions, channels)
+        return t.reshape(2, 16, 64).transpose(1, 2).unsqueeze(1)
+
+    expected = torch.nn.functional.scaled_dot_product_attention(*(as_tokens(t).double() for t in (q, k, v)))
+    expected = expected.squeeze(1).transpose(1, 2).reshape(q.shape)
+    ours = attention_by_matmuls(q, k, v, max_scores=max_scores)
+    assert ours.shape == q.shape
+    assert agreement(ours, expected, tolerance=1e-5).within_tolerance
 
 
 def test_node_clones_the_model_and_accelerating_twice_keeps_one_wrapper(comfy, sd15):
