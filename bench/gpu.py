@@ -556,6 +556,10 @@ class CaptureLog(logging.Handler):
             print(f"    [{record.name}] {record.getMessage()}", flush=True)
 
 
+class _Skipped(Exception):
+    """A cell left out on purpose (--paired-only)."""
+
+
 def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda: bool, captures: CaptureLog,
                 results: dict, save) -> None:
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -590,6 +594,8 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
             # Text encoding, apart: a prompt that only encodes, with a changed text each time.
             text = float("nan")
             try:
+                if args.paired_only:
+                    raise _Skipped
                 text_ms.clear()
                 for i in range(args.warmups + args.reps):
                     comfy.run({
@@ -598,11 +604,15 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
                         "keep": {"class_type": "FewStepBenchConditioningSink", "inputs": {"conditioning": ["pos", 0]}},
                     })
                 text = median(text_ms[args.warmups:])
+            except _Skipped:
+                pass
             except Exception as error:
                 log(f"ComfyUI text encoding {config.key} FAILED: {error}\n{traceback.format_exc()}")
             settings = {"compile_kernels": args.compile, "autotune_convolutions": args.autotune}
             routes = [("native", COLUMNS[1], None), ("fewstep", COLUMNS[2], None), ("accelerated", COLUMNS[3], settings)]
-            if args.ablation:
+            if args.paired_only:
+                routes = []
+            elif args.ablation:
                 routes.append(("accelerated", ABLATION, {**settings, "compile_kernels": False}))
             for route, column, accelerate in routes:
                 cell = Cell(text_ms=text)
@@ -647,16 +657,43 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
                     log(f"ComfyUI {route} {config.key} FAILED: {cell.error}\n{traceback.format_exc()}")
                 cells[config.key][column] = cell
                 save()
+            if args.paired and not over_budget(args):
+                try:
+                    cells[config.key]["paired"] = paired_native_fewstep(comfy, config, built, args.paired)
+                    log(f"ComfyUI native vs FewStep, {args.paired} interleaved pairs, {config.key}: "
+                        + "; ".join(f"{b} FewStep/native {p['ratio_median']:.3f}" for b, p in cells[config.key]["paired"].items()))
+                except Exception as error:
+                    log(f"paired native/FewStep {config.key} FAILED: {error}\n{traceback.format_exc()}")
+                save()
     finally:
         UNetModel.forward = forward
         comfy.nodes.VAEDecode.decode, comfy.nodes.CLIPTextEncode.encode = decode, encode
 
 
-def accelerated_agreement(comfy: Comfy, config: Config, built: Built, accelerate: dict) -> dict:
+def paired_native_fewstep(comfy: Comfy, config: Config, built: Built, pairs: int) -> dict:
+    """ComfyUI native and ComfyUI + FewStep, one run of each in turn (the order swapped every pair),
+    `pairs` times per batch size: eager sampling follows the shared host CPU's speed, which drifts
+    within a run by more than the two routes differ, and runs taken in turn see the same drift."""
+    paired = {}
+    for batch in (1, 4):
+        for route in ("native", "fewstep"):  # warm: models loaded, nothing compiled (eager)
+            comfy.run(comfy_prompt(config, built, route, batch, SEED))
+        times = {"native": [], "fewstep": []}
+        for i in range(pairs):
+            for route in (("native", "fewstep") if i % 2 == 0 else ("fewstep", "native")):
+                times[route].append(comfy.run(comfy_prompt(config, built, route, batch, SEED + 500 + i)))
+        ratios = [f / n for f, n in zip(times["fewstep"], times["native"])]
+        paired[f"b{batch}"] = {"pairs": pairs, "native_ms": median(times["native"]),
+                               "fewstep_ms": median(times["fewstep"]), "ratio_median": median(ratios),
+                               "ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3}
+    return paired
+
+
+def accelerated_agreement(comfy: Comfy, config: Config, built: Built, accelerate: dict, batches=(1, 4)) -> dict:
     """The accelerated chain and the eager FewStep chain in one prompt, same seed: their final
     latents and decoded images compared (fewstep.acceleration.agreement)."""
     check = {}
-    for batch in (1, 4):
+    for batch in batches:
         prompt = comfy_prompt(config, built, "fewstep", batch, CHECK_SEED, tag="eager", chain="eager_")
         prompt.update(comfy_prompt(config, built, "accelerated", batch, CHECK_SEED, tag="accelerated",
                                    accelerate=accelerate))
@@ -714,6 +751,12 @@ def environment(cuda: bool) -> dict:
         env["CUDA (torch)"] = torch.version.cuda
         env["cuDNN"] = torch.backends.cudnn.version()
         try:
+            import triton
+
+            env["Triton"] = triton.__version__
+        except ImportError:
+            env["Triton"] = "not installed"
+        try:
             env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                            capture_output=True, text=True, timeout=20).stdout.strip()
         except (OSError, subprocess.SubprocessError):
@@ -765,7 +808,14 @@ def targets(configs, results: dict) -> list[str]:
     for config in configs:
         cells = results[config.key]
         native, ours, fast, base = (cells.get(c) for c in (COLUMNS[1], COLUMNS[2], COLUMNS[3], COLUMNS[0]))
-        if native and ours and not native.error and not ours.error:
+        paired = cells.get("paired")
+        if paired:
+            r1, r4 = paired["b1"]["ratio_median"], paired["b4"]["ratio_median"]
+            lines.append(f"- {config.title}: FewStep / native latency, median of {paired['b1']['pairs']} interleaved pairs: "
+                         f"{r1:.3f} (b1, quartiles {', '.join(f'{q:.3f}' for q in paired['b1']['ratio_quartiles'])}), "
+                         f"{r4:.3f} (b4, quartiles {', '.join(f'{q:.3f}' for q in paired['b4']['ratio_quartiles'])}) "
+                         f"— target ≤ 1.02: {'met' if max(r1, r4) <= 1.02 else 'MISSED'}")
+        elif native and ours and not native.error and not ours.error:
             r1, r4 = ours.e2e_ms / native.e2e_ms, ours.e2e4_ms / native.e2e4_ms
             lines.append(f"- {config.title}: FewStep / native latency {r1:.3f} (b1), {r4:.3f} (b4) — target ≤ 1.02: "
                          f"{'met' if max(r1, r4) <= 1.02 else 'MISSED'}")
@@ -822,10 +872,17 @@ def main(argv=None) -> int:
                         help="FewStepAccelerate's compile_kernels off")
     parser.add_argument("--ablation", action="store_true",
                         help="also time the accelerated path with compile_kernels off (CUDA graphs only)")
+    parser.add_argument("--paired", type=int, default=0, metavar="N",
+                        help="also time ComfyUI native and ComfyUI + FewStep in N interleaved pairs per batch size "
+                             "(the FewStep / native target is then judged on them)")
+    parser.add_argument("--paired-only", action="store_true",
+                        help="only the interleaved native / FewStep pairs (no diffusers, no acceleration); needs --paired")
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench/out")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="skip the cells not started after this many seconds (a device call's limit)")
     args = parser.parse_args(argv)
+    if args.paired_only and not args.paired:
+        parser.error("--paired-only needs --paired N")
     if COMFYUI_PATH is None:
         print(COMFYUI_MISSING)
         return 1
@@ -870,7 +927,8 @@ def main(argv=None) -> int:
         if not group:
             continue
         built = build_full(base, models, "cuda", dtype) if cuda else build_tiny(base, models)
-        diffusers_cells(built, group, args, memory, cuda, results, save)
+        if not args.paired_only:
+            diffusers_cells(built, group, args, memory, cuda, results, save)
         built.pipeline_factory = None  # drop the diffusers modules before ComfyUI loads its copy
         gc.collect()
         memory.reset()
@@ -887,7 +945,8 @@ def main(argv=None) -> int:
 
     report = write_report(out, chosen, results, env, args)
     print("\n" + report, flush=True)
-    failed = [f"{k}/{c}" for k, cells in results.items() for c, cell in cells.items() if cell.error]
+    failed = [f"{k}/{c}" for k, cells in results.items() for c, cell in cells.items()
+              if isinstance(cell, Cell) and cell.error]
     return 1 if failed else 0
 
 
