@@ -6,7 +6,8 @@ once per shape and replays them with one call (PyTorch's "CUDA Graphs" notes, to
 Optionally the function is first compiled by torch.compile (TorchInductor) for that shape: it fuses
 the memory-bound work around the matrix products and convolutions (GroupNorm + SiLU, residual adds,
 GEGLU) and lays the convolutions out channels-last, which shortens the GPU time that graphs alone
-leave as it is; the graph then records the compiled kernels.
+leave as it is; the graph then records the compiled kernels. Two of the VAE decoder's operations are
+traced in other forms for it (group_norm_by_channel_sums, attention_by_matmuls; see there).
 A graph replays fixed memory addresses: its inputs are copied into static buffers, its output is
 copied out, and it is only valid while every parameter and buffer of the module it ran is the
 tensor that was captured — `WeightSnapshot` checks that, so a re-patched or offloaded model is
