@@ -1,4 +1,5 @@
-"""bench/gpu_profile.py's reading of a torch.profiler trace, on a trace written here.
+"""The GPU benches' CPU-checkable parts: bench/gpu_profile.py's reading of a torch.profiler trace, on
+a trace written here, and bench/gpu.py's interleaved native/FewStep pairs, run with --smoke.
 
 The profile it reads comes from a GPU; the arithmetic on it (busy time, idle gaps charged to the
 Python stack, GPU time per replayed graph) is pure and checked on a trace whose answers are known.
@@ -6,11 +7,13 @@ Python stack, GPU time per replayed graph) is pure and checked on a trace whose 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
 
-from comfy_harness import PACK_ROOT
+from comfy_harness import PACK_ROOT, require_comfyui
 
 sys.path.insert(0, str(PACK_ROOT / "bench"))
 import gpu_profile  # noqa: E402
@@ -69,3 +72,21 @@ def test_read_trace_charges_idle_time_to_the_python_stack_and_times_each_graph(t
                                                       "span_ms": pytest.approx(0.8)}}
     assert summary["kernel_families_ms"] == {"matrix product (cuBLAS)": pytest.approx(0.2),
                                              "triton poi": pytest.approx(0.5)}
+
+
+def test_gpu_bench_smoke_times_native_and_fewstep_in_interleaved_pairs(tmp_path):
+    """bench/gpu.py --paired in real ComfyUI on the tiny SDXL model (CPU): each batch size gets its
+    pairs, and the FewStep / native verdict is taken from them."""
+    comfyui = require_comfyui()
+    environment = {**os.environ, "COMFYUI_PATH": str(comfyui)}
+    run = subprocess.run([sys.executable, str(PACK_ROOT / "bench" / "gpu.py"), "--smoke", "--configs", "turbo",
+                          "--paired", "2", "--paired-only", "--out", str(tmp_path)],
+                         env=environment, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    paired = json.loads((tmp_path / "results.json").read_text())["results"]["turbo"]["paired"]
+    for batch in ("b1", "b4"):
+        assert paired[batch]["pairs"] == 2
+        assert paired[batch]["native_ms"] > 0 and paired[batch]["fewstep_ms"] > 0
+        assert paired[batch]["ratio_median"] == pytest.approx(
+            paired[batch]["ratio_quartiles"][1])  # the middle quartile is the median
+    assert "median of 2 interleaved pairs" in (tmp_path / "results.md").read_text()
