@@ -162,17 +162,23 @@ def group_norm_by_channel_sums(x: torch.Tensor, num_groups: int, weight: torch.T
     Channels-last, a group's channels are interleaved with every pixel, and a reduction over the group
     reads memory in short strided pieces; summing each channel over the positions reads whole rows of
     contiguous channels instead, and the groups' totals are then a sum over a few numbers.
-    One pass, in float32, on x − s with s one sample of each group (its first channel at the first
-    position): var = E[(x − s)²] − E[x − s]² then loses nothing to cancellation where the mean is far
-    from zero, because s lies within the group's spread.
+    One pass, in float32, on x − s, s an estimate of each group's mean: its mean over the first line
+    of positions (the first image row). var = E[(x − s)²] − E[x − s]² then loses float32's 6e-8 times
+    1 + ((mean − s) / std)² of the variance to cancellation: next to nothing while the first row is
+    like the rest, where without the shift a mean far from zero relative to the spread would lose
+    every digit.
     """
+    if x.ndim < 3:
+        raise ValueError("group_norm_by_channel_sums needs positions after (batch, channels); "
+                         f"got shape {tuple(x.shape)}")
     batch, channels = x.shape[:2]
     per_group = channels // num_groups
     positions = tuple(range(2, x.ndim))
     count = per_group * math.prod(x.shape[2:])
     broadcast = (batch, channels) + (1,) * len(positions)
     values = x.float()
-    shift = values[(slice(None), slice(None, None, per_group)) + (0,) * len(positions)]  # (batch, groups)
+    first_line = values[(slice(None), slice(None)) + (0,) * (len(positions) - 1)]  # (batch, channels, last)
+    shift = first_line.reshape(batch, num_groups, -1).mean(-1)  # (batch, groups)
     centred = values - shift.repeat_interleave(per_group, dim=1).view(broadcast)
     group_sum = centred.sum(positions).view(batch, num_groups, per_group).sum(-1)
     group_square_sum = (centred * centred).sum(positions).view(batch, num_groups, per_group).sum(-1)
@@ -197,12 +203,13 @@ CHANNEL_SUMS_MIN_ELEMENTS = 2**24
 def group_norm_for_compiler(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                             bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """group_norm as the compiled VAE decoder computes it: by channel sums where the input is large."""
-    if x.numel() < CHANNEL_SUMS_MIN_ELEMENTS:
+    if x.ndim < 3 or x.numel() < CHANNEL_SUMS_MIN_ELEMENTS:
         return torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
     return group_norm_by_channel_sums(x, num_groups, weight, bias, eps)
 
 
-# The largest score matrix attention_by_matmuls materialises at once: 2**28 elements, 512 MiB in bf16.
+# The most scores attention_by_matmuls makes at once: 2**28, 512 MiB in bf16 (and twice that again for
+# a float32 softmax, should Inductor not fuse it into one pass).
 MAX_ATTENTION_SCORES = 2**28
 
 
@@ -213,21 +220,21 @@ def attention_by_matmuls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     The VAE's single head has 512 channels, more than the flash kernels take, so scaled_dot_product_
     attention runs the memory-efficient kernel, slower than the two matrix products (bench/
-    vae_kernels.py). Scores are rounded to the inputs' dtype, as ComfyUI's split attention does, and
-    the softmax runs in float32; the queries are taken in chunks so that no more than `max_scores`
-    scores exist at once.
+    vae_kernels.py). The queries are scaled first, so that fp16 scores cannot overflow where the
+    softmax's would not; the scores are rounded to the inputs' dtype, as ComfyUI's split attention
+    does, and the softmax runs in float32; the queries are taken in chunks so that no more than
+    `max_scores` scores exist at once.
     """
     batch, channels = q.shape[:2]
     positions = math.prod(q.shape[2:])
-    queries = q.reshape(batch, channels, positions).transpose(1, 2)
+    queries = (q * channels ** -0.5).reshape(batch, channels, positions).transpose(1, 2)
     keys = k.reshape(batch, channels, positions)
     values = v.reshape(batch, channels, positions).transpose(1, 2)
-    scale = channels ** -0.5
     chunk = max(1, min(positions, max_scores // (batch * positions)))
     pieces = []
     for start in range(0, positions, chunk):
         scores = torch.bmm(queries[:, start:start + chunk], keys)
-        weights = torch.softmax(scores.float() * scale, dim=-1).to(values.dtype)
+        weights = torch.softmax(scores.float(), dim=-1).to(values.dtype)
         pieces.append(torch.bmm(weights, values))
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
     return out.transpose(1, 2).reshape(q.shape)
@@ -383,9 +390,10 @@ class GraphCache:
             self._trusted.add(id(graph))
         return True
 
-    def has(self, signature: tuple) -> bool:
-        """Whether a graph is kept for `signature` (it replays in its own memory pool)."""
-        return signature in self.graphs
+    def replayable(self, signature: tuple) -> bool:
+        """Whether a kept graph for `signature` would replay (in its own memory pool), not be re-captured."""
+        graph = self.graphs.get(signature)
+        return graph is not None and graph.snapshot.unchanged()
 
     def _capture(self, signature, function, inputs, module, tracing_context=None) -> CapturedGraph | None:
         while len(self.graphs) >= self.max_shapes:

@@ -126,7 +126,7 @@ class AcceleratedVAE(comfy.sd.VAE):
             signature = (tensor_signature(latent), torch.is_inference_mode_enabled())
             # A kept graph replays in its own memory pool: only a capture needs the batch to fit now
             # (checking for every decode would also cost a millisecond of the GPU idle).
-            if (not self.decode_graphs.has(signature)
+            if (not self.decode_graphs.replayable(signature)
                     and int(comfy.model_management.get_free_memory(self.device) / memory_used) < samples_in.shape[0]):
                 reason = "the batch does not fit in free memory in one piece (ComfyUI splits it)"
         if reason is not None:
@@ -161,22 +161,22 @@ def decoder_traced_for_compiler(first_stage_model: torch.nn.Module):
     """While the compiler traces the VAE decoder: its GroupNorms computed by group_norm_for_compiler
     and its attention by attention_by_matmuls, the forms Inductor makes fast (fewstep.acceleration
     says why). Restored on leaving, so eager decodes stay ComfyUI's own. A GroupNorm whose weights
-    ComfyUI casts or patches per call keeps its own forward."""
+    ComfyUI casts or patches per call, or whose forward something else has replaced, keeps its own."""
     decoder = getattr(first_stage_model, "decoder", first_stage_model)
     norms = [module for module in decoder.modules() if isinstance(module, torch.nn.GroupNorm)
-             and not getattr(module, "comfy_cast_weights", False) and not getattr(module, "weight_function", None)
-             and not getattr(module, "bias_function", None)]
+             and "forward" not in module.__dict__ and not getattr(module, "comfy_cast_weights", False)
+             and not getattr(module, "weight_function", None) and not getattr(module, "bias_function", None)]
     blocks = [module for module in decoder.modules() if isinstance(module, AttnBlock)]
     attentions = [block.optimized_attention for block in blocks]
-    for norm in norms:
-        norm.forward = types.MethodType(_group_norm_for_compiler_forward, norm)
-    for block in blocks:
-        block.optimized_attention = attention_by_matmuls
     try:
+        for norm in norms:
+            norm.forward = types.MethodType(_group_norm_for_compiler_forward, norm)
+        for block in blocks:
+            block.optimized_attention = attention_by_matmuls
         yield
     finally:
         for norm in norms:
-            del norm.forward  # the instance attribute: the class's forward shows through again
+            norm.__dict__.pop("forward", None)  # the instance attribute: the class's forward shows through again
         for block, attention in zip(blocks, attentions):
             block.optimized_attention = attention
 

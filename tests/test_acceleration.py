@@ -110,6 +110,9 @@ def test_dynamo_traces_what_the_node_captures_in_a_real_sampling_run(comfy, requ
     monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
     monkeypatch.setattr(attention, "optimized_attention_masked", attention.attention_pytorch)
     monkeypatch.setattr(vae_model, "vae_attention", lambda: vae_model.pytorch_attention)
+    # Channel sums at every size: the tiny decoder never reaches the GPU's threshold, and they must
+    # trace without a graph break too.
+    monkeypatch.setattr(sys.modules[node_module.group_norm_for_compiler.__module__], "CHANNEL_SUMS_MIN_ELEMENTS", 0)
     monkeypatch.setattr(node_module, "cuda_graph_unavailable_reason", lambda device: None)
     monkeypatch.setattr(node_module, "compile_unavailable_reason", lambda device: None)
     monkeypatch.setattr(node_module.GraphCache, "run", compile_and_run)
@@ -146,9 +149,12 @@ def test_graph_cache_falls_back_from_compiling_to_plain_capture_to_eager(
         monkeypatch, compiling, plain, expected_output, compiler_kept):
     """GraphCache's fallback order, with CapturedGraph (CUDA-only) replaced by one that fails as told."""
 
+    contexts = []
+
     class CapturedGraphFailingAsTold:
         def __init__(self, function, inputs, module, pool, autotune, compile_backend=None, tracing_context=None):
             self.compiled = compile_backend is not None
+            contexts.append((self.compiled, tracing_context))
             failure = compiling if self.compiled else plain
             if failure is not None:
                 raise failure
@@ -161,8 +167,11 @@ def test_graph_cache_falls_back_from_compiling_to_plain_capture_to_eager(
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     cache = GraphCache("UNet", compile_backend=COMPILE_BACKEND, passthrough=(Interrupted,))
-    output = cache.run(("shape",), None, [], torch.nn.Module())
+    traced_differently = object()  # stands in for decoder_traced_for_compiler
+    output = cache.run(("shape",), None, [], torch.nn.Module(), tracing_context=traced_differently)
     assert output == expected_output
+    # Only the compiler is handed the tracing context; the eager kernels are captured as they are.
+    assert contexts[0] == (True, traced_differently) and all(context is None for _, context in contexts[1:])
     assert (cache.compile_backend == COMPILE_BACKEND) == compiler_kept
     assert ("shape",) in cache.failures if expected_output is None else not cache.failures
     if compiling is not None:
@@ -231,6 +240,32 @@ def test_decoder_traced_for_compiler_swaps_norms_and_attention_and_restores_them
     assert [block.optimized_attention for block in blocks] == attentions
 
 
+def test_decoder_traced_for_compiler_restores_after_an_error_and_leaves_others_patches(comfy, sd15):
+    from comfy.ldm.modules.diffusionmodules.model import AttnBlock
+
+    node_module = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["FewStepAccelerate"].__module__]
+    _, _, vae = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(sd15.checkpoint_name)
+    decoder = vae.first_stage_model.decoder
+    patched, cast, *plain = [m for m in decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    block = next(m for m in decoder.modules() if isinstance(m, AttnBlock))
+    attention = block.optimized_attention
+    someone_elses_forward = patched.forward  # another extension's instance-level patch
+    patched.forward = someone_elses_forward
+    cast.comfy_cast_weights = True  # ComfyUI casts this one's weights per call
+    try:
+        with pytest.raises(RuntimeError, match="compiler failed"):
+            with node_module.decoder_traced_for_compiler(vae.first_stage_model):
+                assert patched.forward is someone_elses_forward and "forward" not in cast.__dict__
+                assert all(norm.forward.__func__ is node_module._group_norm_for_compiler_forward for norm in plain)
+                raise RuntimeError("compiler failed")
+        assert patched.__dict__["forward"] is someone_elses_forward
+        assert all("forward" not in norm.__dict__ for norm in (cast, *plain))
+        assert block.optimized_attention is attention
+    finally:
+        del patched.forward
+        cast.comfy_cast_weights = False
+
+
 @pytest.mark.parametrize("shape, groups, channels_last", [
     ((2, 64, 16, 16), 32, True), ((1, 32, 8, 12), 8, False), ((3, 12, 5), 4, False), ((1, 8, 2, 3, 4), 2, False)])
 def test_group_norm_by_channel_sums_equals_group_norm(shape, groups, channels_last):
@@ -248,6 +283,56 @@ def test_group_norm_by_channel_sums_equals_group_norm(shape, groups, channels_la
         torch_error = agreement(torch.nn.functional.group_norm(x, groups, *affine, 1e-6), expected).relative_l2
         ours = agreement(group_norm_by_channel_sums(x, groups, *affine, 1e-6), expected)
         assert ours.relative_l2 <= 2 * torch_error + 1e-6, (ours, torch_error)
+
+
+def test_group_norm_by_channel_sums_keeps_its_precision_when_the_first_row_is_an_outlier():
+    # The shift is each group's mean over the first row. A first row 50 standard deviations off the
+    # rest puts the shift that far from the mean; the variance's cancellation, float32's 6e-8 × 50²,
+    # still stays far below the bf16 output's own rounding (3.9e-3).
+    generator = torch.Generator().manual_seed(13)
+    x = torch.randn(1, 32, 16, 16, generator=generator) * 0.1 + 100.0
+    x[:, :, 0, :] += 5.0
+    expected = torch.nn.functional.group_norm(x.double(), 8, eps=1e-6)
+    assert agreement(group_norm_by_channel_sums(x, 8, eps=1e-6), expected).relative_l2 < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_group_norm_by_channel_sums_in_half_precision_is_as_close_as_group_norm(dtype):
+    generator = torch.Generator().manual_seed(14)
+    x = (torch.randn(2, 32, 8, 8, generator=generator) * 3 + 5).to(dtype)
+    weight, bias = (torch.rand(32, generator=generator) + 0.5).to(dtype), torch.randn(32, generator=generator).to(dtype)
+    expected = torch.nn.functional.group_norm(x.double(), 8, weight.double(), bias.double(), 1e-6)
+    ours = group_norm_by_channel_sums(x, 8, weight, bias, 1e-6)
+    assert ours.dtype == dtype
+    torch_error = agreement(torch.nn.functional.group_norm(x.float(), 8, weight.float(), bias.float(), 1e-6).to(dtype),
+                            expected).relative_l2
+    assert agreement(ours, expected).relative_l2 <= 1.5 * torch_error
+
+
+def test_group_norm_for_compiler_leaves_inputs_without_positions_to_torch():
+    x = torch.randn(4, 32)
+    assert torch.equal(acceleration.group_norm_for_compiler(x, 8), torch.nn.functional.group_norm(x, 8))
+    with pytest.raises(ValueError, match="positions"):
+        group_norm_by_channel_sums(x, 8)
+
+
+def test_attention_by_matmuls_does_not_overflow_in_fp16():
+    # Unscaled, these scores (16 · 70² = 78,400) would pass fp16's largest value (65,504).
+    q = k = torch.full((1, 16, 2, 2), 70.0, dtype=torch.float16)
+    v = torch.randn(1, 16, 2, 2, generator=torch.Generator().manual_seed(15)).to(torch.float16)
+    out = attention_by_matmuls(q, k, v)
+    assert torch.isfinite(out).all()
+    assert agreement(out, v.double().mean(dim=(2, 3), keepdim=True).expand_as(v)).relative_l2 < 1e-2
+
+
+def test_graph_cache_replays_only_a_kept_graph_whose_weights_stayed():
+    class Graph:
+        def __init__(self, weights_stayed):
+            self.snapshot = type("Snapshot", (), {"unchanged": lambda self: weights_stayed})()
+
+    cache = GraphCache("VAE decode")
+    cache.graphs.update({("kept",): Graph(True), ("moved",): Graph(False)})
+    assert cache.replayable(("kept",)) and not cache.replayable(("moved",)) and not cache.replayable(("new",))
 
 
 @pytest.mark.parametrize("max_scores", [2**28, 64 * 10])  # one piece; queries in chunks of 5 (a short last one)
