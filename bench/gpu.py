@@ -556,10 +556,6 @@ class CaptureLog(logging.Handler):
             print(f"    [{record.name}] {record.getMessage()}", flush=True)
 
 
-class _Skipped(Exception):
-    """A cell left out on purpose (--paired-only)."""
-
-
 def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda: bool, captures: CaptureLog,
                 results: dict, save) -> None:
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -594,18 +590,14 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
             # Text encoding, apart: a prompt that only encodes, with a changed text each time.
             text = float("nan")
             try:
-                if args.paired_only:
-                    raise _Skipped
                 text_ms.clear()
-                for i in range(args.warmups + args.reps):
+                for i in range(0 if args.paired_only else args.warmups + args.reps):
                     comfy.run({
                         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": built.checkpoint_name}},
                         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": f"{PROMPT}, variant {i}", "clip": ["ckpt", 1]}},
                         "keep": {"class_type": "FewStepBenchConditioningSink", "inputs": {"conditioning": ["pos", 0]}},
                     })
                 text = median(text_ms[args.warmups:])
-            except _Skipped:
-                pass
             except Exception as error:
                 log(f"ComfyUI text encoding {config.key} FAILED: {error}\n{traceback.format_exc()}")
             settings = {"compile_kernels": args.compile, "autotune_convolutions": args.autotune}
@@ -685,7 +677,8 @@ def paired_native_fewstep(comfy: Comfy, config: Config, built: Built, pairs: int
         ratios = [f / n for f, n in zip(times["fewstep"], times["native"])]
         paired[f"b{batch}"] = {"pairs": pairs, "native_ms": median(times["native"]),
                                "fewstep_ms": median(times["fewstep"]), "ratio_median": median(ratios),
-                               "ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3}
+                               "ratio_quartiles": (statistics.quantiles(ratios, n=4, method="inclusive")
+                                                   if len(ratios) > 1 else ratios * 3)}
     return paired
 
 

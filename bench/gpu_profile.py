@@ -11,6 +11,7 @@ profiler off (median end-to-end) and then traced, and each checked against the e
 (bench/gpu.py's accelerated_agreement):
 
     python3 bench/gpu_profile.py --config lightning --variants default,coordinate_descent
+    python3 bench/gpu_profile.py --read bench/runs/2026-12-01-profile/trace_default.json.gz   # read a kept trace
 
 default                the node as shipped
 coordinate_descent     Inductor's coordinate_descent_tuning on (tunes the block sizes of the fused
@@ -61,14 +62,14 @@ def set_compile_options(extra: dict) -> None:
 
 def kernel_family(name: str) -> str:
     lowered = name.lower()
-    if "flash" in lowered or "fmha" in lowered or "attention" in lowered:
+    if "flash" in lowered or "fmha" in lowered or "attention" in lowered or "sdpa" in lowered:
         return "attention (SDPA)"
     if lowered.startswith("triton_"):
         kind = lowered.split("_")[1]  # triton_poi_… pointwise, triton_red_… reduction, triton_per_… persistent
         return f"triton {kind}"
-    if any(k in lowered for k in ("conv", "implicit_gemm", "xmma_fprop", "sm90_xmma", "cudnn", "nhwc")):
+    if any(k in lowered for k in ("fprop", "dgrad", "wgrad", "conv", "nhwc")):
         return "convolution (cuDNN)"
-    if any(k in lowered for k in ("gemm", "cutlass", "cublas", "nvjet", "matmul", "sm90_")):
+    if any(k in lowered for k in ("gemm", "cutlass", "cublas", "nvjet", "matmul")):
         return "matrix product (cuBLAS)"
     if "memcpy" in lowered or "memset" in lowered:
         return name
@@ -104,7 +105,9 @@ def stacks_at(python: list[dict], times: list[float]):
 
 
 def read_trace(path: Path) -> dict:
-    events = [e for e in json.loads(Path(path).read_text())["traceEvents"] if e.get("ph") == "X"]
+    path = Path(path)
+    text = gzip.open(path, "rt").read() if path.suffix == ".gz" else path.read_text()
+    events = [e for e in json.loads(text)["traceEvents"] if e.get("ph") == "X"]
     gpu_events = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
     prompts = sorted((e for e in events if e.get("cat") == "user_annotation" and e.get("name", "").startswith("prompt ")),
                      key=lambda e: e["ts"])
@@ -128,7 +131,7 @@ def read_trace(path: Path) -> dict:
             families[kernel_family(e["name"])] += e["dur"]
             correlation = e.get("args", {}).get("correlation")
             if correlation in launches:
-                per_launch[correlation].append((e["ts"], e["ts"] + e["dur"]))
+                per_launch[correlation].append(e)
             if e["ts"] - cursor > IDLE_GAP_US:
                 gaps.append((e["ts"] - cursor, cursor, lo))
             cursor = max(cursor, e["ts"] + e["dur"])
@@ -147,8 +150,7 @@ def read_trace(path: Path) -> dict:
     for correlation, stack in zip(order, stacks_at(python, [launches[c]["ts"] for c in order])):
         owner = next((short(e["name"]) for e in reversed(stack)
                       if any(k in e["name"] for k in ("diffusion_model", "_decode_to_image", "decode"))), "?")
-        spans = per_launch[correlation]
-        graphs[owner].append((union_us(spans), max(b for _, b in spans) - min(a for a, _ in spans)))
+        graphs[owner].append(per_launch[correlation])
     n = max(len(prompts), 1)
     return {
         "prompts": len(prompts),
@@ -156,12 +158,30 @@ def read_trace(path: Path) -> dict:
         "wall_ms": statistics.median(walls) / 1e3 if walls else float("nan"),
         "gpu_busy_ms": statistics.median(busy) / 1e3 if busy else float("nan"),
         "kernel_families_ms": {k: v / n / 1e3 for k, v in families.most_common()},
-        "graphs": {owner: {"launches_per_prompt": len(v) / n, "busy_ms": statistics.median(x for x, _ in v) / 1e3,
-                           "span_ms": statistics.median(y for _, y in v) / 1e3} for owner, v in graphs.items()},
+        "graphs": {owner: graph_summary(replays, n) for owner, replays in graphs.items()},
         "idle_ms": sum(g[0] for g in gaps) / n / 1e3,
         "idle_by_function_ms": {k: v / n / 1e3 for k, v in idle_by_function.most_common(45)},
         "largest_idle_gaps": [{"ms": g / 1e3, "at_ms": at / 1e3, "in": where}
                               for g, at, where in sorted(idle_gaps, reverse=True)[:25]],
+    }
+
+
+def graph_summary(replays: list[list[dict]], prompts: int) -> dict:
+    """One replayed graph's kernels: per replay (median), its busy time, span and kernel count, its
+    GPU time by kernel family and its longest kernels (mean per replay)."""
+    families, kernels = collections.Counter(), collections.Counter()
+    for replay in replays:
+        for e in replay:
+            families[kernel_family(e["name"])] += e["dur"]
+            kernels[e["name"][:100]] += e["dur"]
+    count = len(replays)
+    return {
+        "launches_per_prompt": count / prompts,
+        "kernels_per_replay": statistics.median(len(r) for r in replays),
+        "busy_ms": statistics.median(union_us([(e["ts"], e["ts"] + e["dur"]) for e in r]) for r in replays) / 1e3,
+        "span_ms": statistics.median(max(e["ts"] + e["dur"] for e in r) - min(e["ts"] for e in r) for r in replays) / 1e3,
+        "families_ms_per_replay": {k: v / count / 1e3 for k, v in families.most_common()},
+        "longest_kernels_ms_per_replay": {k: v / count / 1e3 for k, v in kernels.most_common(12)},
     }
 
 
@@ -180,8 +200,12 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-reps", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="skip variants not started by then")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, 64² (checks this script, measures nothing)")
+    parser.add_argument("--read", metavar="TRACE", help="only read a kept trace (.json or .json.gz) and print its summary")
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench/out")
     args = parser.parse_args(argv)
+    if args.read:
+        print(json.dumps(read_trace(Path(args.read)), indent=1))
+        return 0
     if gpu.COMFYUI_PATH is None:
         print(gpu.COMFYUI_MISSING)
         return 1

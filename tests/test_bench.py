@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -40,6 +41,8 @@ def test_union_counts_overlaps_once():
     ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution (cuDNN)"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "attention (SDPA)"),
     ("triton_red_fused_native_group_norm_45", "triton red"),
+    ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64", "matrix product (cuBLAS)"),
+    ("fmha_cutlassF_bf16_aligned_32x128_gmem_sm80", "attention (SDPA)"),
 ])
 def test_kernel_families(name, family):
     assert gpu_profile.kernel_family(name) == family
@@ -68,8 +71,11 @@ def test_read_trace_charges_idle_time_to_the_python_stack_and_times_each_graph(t
     idle = summary["idle_by_function_ms"]
     assert idle["execute"] == pytest.approx(0.3)
     assert idle["prepare"] == pytest.approx(0.1) and idle["finish"] == pytest.approx(0.1)
-    assert summary["graphs"] == {"diffusion_model": {"launches_per_prompt": 1.0, "busy_ms": pytest.approx(0.7),
-                                                      "span_ms": pytest.approx(0.8)}}
+    graph = summary["graphs"]["diffusion_model"]
+    assert (graph["launches_per_prompt"], graph["kernels_per_replay"]) == (1.0, 2)
+    assert graph["busy_ms"] == pytest.approx(0.7) and graph["span_ms"] == pytest.approx(0.8)
+    assert graph["families_ms_per_replay"] == {"triton poi": pytest.approx(0.5),
+                                               "matrix product (cuBLAS)": pytest.approx(0.2)}
     assert summary["kernel_families_ms"] == {"matrix product (cuBLAS)": pytest.approx(0.2),
                                              "triton poi": pytest.approx(0.5)}
 
@@ -87,6 +93,33 @@ def test_gpu_bench_smoke_times_native_and_fewstep_in_interleaved_pairs(tmp_path)
     for batch in ("b1", "b4"):
         assert paired[batch]["pairs"] == 2
         assert paired[batch]["native_ms"] > 0 and paired[batch]["fewstep_ms"] > 0
-        assert paired[batch]["ratio_median"] == pytest.approx(
-            paired[batch]["ratio_quartiles"][1])  # the middle quartile is the median
     assert "median of 2 interleaved pairs" in (tmp_path / "results.md").read_text()
+
+
+def test_paired_runs_alternate_the_order_and_divide_each_pair(monkeypatch):
+    """paired_native_fewstep with ComfyUI stood in for by a clock: native takes 100 ms, FewStep 90,
+    and the host slows by 10 ms a run."""
+    import gpu
+
+    order, times = [], []
+
+    class Clock:
+        def run(self, prompt):
+            route = "fewstep" if any(n["class_type"] == "FewStepSampler" for n in prompt.values()) else "native"
+            order.append(route)
+            times.append((100.0 if route == "native" else 90.0) + 10.0 * len(order))
+            return times[-1]
+
+    monkeypatch.setattr(gpu, "comfy_prompt", lambda config, built, route, batch, seed: {
+        "s": {"class_type": "FewStepSampler" if route == "fewstep" else "KSampler"}})
+    paired = gpu.paired_native_fewstep(Clock(), gpu.CONFIGS[0], None, pairs=4)
+
+    # per batch: one warm-up run of each, then the pairs, native first in every other one
+    assert order[:10] == ["native", "fewstep", "native", "fewstep", "fewstep", "native", "native", "fewstep",
+                          "fewstep", "native"]
+    b1 = list(zip(order[2:10], times[2:10]))
+    native = [t for route, t in b1 if route == "native"]
+    fewstep = [t for route, t in b1 if route == "fewstep"]
+    assert paired["b1"]["ratio_median"] == pytest.approx(statistics.median(f / n for f, n in zip(fewstep, native)))
+    assert paired["b1"]["native_ms"] == statistics.median(native)
+    assert paired["b1"]["pairs"] == paired["b4"]["pairs"] == 4 and len(order) == 20
