@@ -11,7 +11,7 @@ profiler off (median end-to-end) and then traced, and each checked against the e
 (bench/gpu.py's accelerated_agreement):
 
     python3 bench/gpu_profile.py --config lightning --variants default,coordinate_descent
-    python3 bench/gpu_profile.py --read bench/runs/2026-12-01-profile/trace_default.json.gz   # read a kept trace
+    python3 bench/gpu_profile.py --read bench/out/trace_default.json.gz   # read a trace it wrote again
 
 default                the node as shipped
 coordinate_descent     Inductor's coordinate_descent_tuning on (tunes the block sizes of the fused
@@ -52,10 +52,15 @@ def pack_modules(suffix: str):
     return [m for name, m in list(sys.modules.items()) if name.endswith(suffix) and m is not None]
 
 
+_SHIPPED_COMPILE_OPTIONS: dict[int, dict] = {}  # id(module) → its COMPILE_OPTIONS as the pack ships them
+
+
 def set_compile_options(extra: dict) -> None:
+    """The pack's own compile options plus `extra`, in place (compile_for_one_shape's default is that dict)."""
     for module in pack_modules("fewstep.acceleration"):
+        shipped = _SHIPPED_COMPILE_OPTIONS.setdefault(id(module), dict(module.COMPILE_OPTIONS))
         module.COMPILE_OPTIONS.clear()
-        module.COMPILE_OPTIONS.update({"conv_1x1_as_mm": True, **extra})
+        module.COMPILE_OPTIONS.update({**shipped, **extra})
 
 
 # ---------------------------------------------------------------------------------------- the trace

@@ -175,22 +175,25 @@ def group_norm_by_channel_sums(x: torch.Tensor, num_groups: int, weight: torch.T
     per_group = channels // num_groups
     positions = tuple(range(2, x.ndim))
     count = per_group * math.prod(x.shape[2:])
-    broadcast = (batch, channels) + (1,) * len(positions)
+    ones = (1,) * len(positions)
+
+    def per_channel(per_group_values):  # (batch, groups) → (batch, channels, 1, …) to broadcast
+        return per_group_values.repeat_interleave(per_group, dim=1).view((batch, channels) + ones)
+
+    def group_totals(per_channel_values):  # (batch, channels, …) summed over positions → (batch, groups)
+        return per_channel_values.sum(positions).view(batch, num_groups, per_group).sum(-1)
+
     values = x.float()
     first_line = values[(slice(None), slice(None)) + (0,) * (len(positions) - 1)]  # (batch, channels, last)
     shift = first_line.reshape(batch, num_groups, -1).mean(-1)  # (batch, groups)
-    centred = values - shift.repeat_interleave(per_group, dim=1).view(broadcast)
-    group_sum = centred.sum(positions).view(batch, num_groups, per_group).sum(-1)
-    group_square_sum = (centred * centred).sum(positions).view(batch, num_groups, per_group).sum(-1)
-    shifted_mean = group_sum / count
-    variance = (group_square_sum / count - shifted_mean * shifted_mean).clamp_min(0)
-    mean = (shifted_mean + shift).repeat_interleave(per_group, dim=1).view(broadcast)
-    inverse_std = torch.rsqrt(variance + eps).repeat_interleave(per_group, dim=1).view(broadcast)
-    normalised = (values - mean) * inverse_std
+    centred = values - per_channel(shift)
+    shifted_mean = group_totals(centred) / count
+    variance = (group_totals(centred * centred) / count - shifted_mean * shifted_mean).clamp_min(0)
+    normalised = (values - per_channel(shifted_mean + shift)) * per_channel(torch.rsqrt(variance + eps))
     if weight is not None:
-        normalised = normalised * weight.float().view((1, channels) + (1,) * len(positions))
+        normalised = normalised * weight.float().view((1, channels) + ones)
     if bias is not None:
-        normalised = normalised + bias.float().view((1, channels) + (1,) * len(positions))
+        normalised = normalised + bias.float().view((1, channels) + ones)
     return normalised.to(x.dtype)
 
 
@@ -375,7 +378,7 @@ class GraphCache:
         return graph(inputs)
 
     def begin_run(self) -> None:
-        """Within one sampling run weights don't move: check each graph's weights once per run."""
+        """Within one run (a sampling run, a decode) weights don't move: check each graph's once per run."""
         self._trusted = set()
 
     def end_run(self) -> None:
@@ -393,7 +396,7 @@ class GraphCache:
     def replayable(self, signature: tuple) -> bool:
         """Whether a kept graph for `signature` would replay (in its own memory pool), not be re-captured."""
         graph = self.graphs.get(signature)
-        return graph is not None and graph.snapshot.unchanged()
+        return graph is not None and self._weights_still_captured(graph)
 
     def _capture(self, signature, function, inputs, module, tracing_context=None) -> CapturedGraph | None:
         while len(self.graphs) >= self.max_shapes:

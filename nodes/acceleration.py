@@ -117,6 +117,18 @@ class AcceleratedVAE(comfy.sd.VAE):
 
     def decode(self, samples_in, vae_options={}):
         self.throw_exception_if_invalid()
+        # One decode is one run: its graph's weights are checked once, by replayable(), not again by run().
+        self.decode_graphs.begin_run()
+        try:
+            image = self._decode_by_graph(samples_in, vae_options)
+        finally:
+            self.decode_graphs.end_run()
+        if image is None:
+            return super().decode(samples_in, vae_options)
+        return self._to_output_device(image).movedim(1, -1)
+
+    def _decode_by_graph(self, samples_in, vae_options):
+        """The decoded image, still on the GPU, from a captured graph; None: decode as ComfyUI does."""
         reason = self.decode_eager_reason(samples_in, vae_options)
         if reason is None:
             memory_used = self.memory_used_decode(samples_in.shape, self.vae_dtype)
@@ -131,13 +143,9 @@ class AcceleratedVAE(comfy.sd.VAE):
                 reason = "the batch does not fit in free memory in one piece (ComfyUI splits it)"
         if reason is not None:
             self.decode_graphs.eager(reason)
-            return super().decode(samples_in, vae_options)
-
-        image = self.decode_graphs.run(signature, self._decode_to_image, [latent], self.first_stage_model,
-                                       tracing_context=lambda: decoder_traced_for_compiler(self.first_stage_model))
-        if image is None:
-            return super().decode(samples_in, vae_options)
-        return self._to_output_device(image).movedim(1, -1)
+            return None
+        return self.decode_graphs.run(signature, self._decode_to_image, [latent], self.first_stage_model,
+                                      tracing_context=lambda: decoder_traced_for_compiler(self.first_stage_model))
 
     def _decode_to_image(self, latent):
         # VAE.decode computes process_output(decode(samples).to(output_device).float()): the same

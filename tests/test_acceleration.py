@@ -63,6 +63,11 @@ def accelerated_prompt(tiny, family: str, steps: int, accelerate: bool, compile_
     return prompt
 
 
+def loaded_node_module(comfy):
+    """nodes/acceleration.py as ComfyUI imported it (a package other than the tests' comfyui_fewstep)."""
+    return sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["FewStepAccelerate"].__module__]
+
+
 def read_images(result) -> np.ndarray:
     from PIL import Image
 
@@ -92,7 +97,7 @@ def test_dynamo_traces_what_the_node_captures_in_a_real_sampling_run(comfy, requ
     from torch._dynamo.testing import CompileCounterWithBackend
 
     tiny = request.getfixturevalue(base)
-    node_module = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["FewStepAccelerate"].__module__]
+    node_module = loaded_node_module(comfy)
     counters, backends, traced_differently = {}, {}, {}
 
     def compile_and_run(cache, signature, function, inputs, module, tracing_context=None):
@@ -219,7 +224,7 @@ def test_decoder_traced_for_compiler_swaps_norms_and_attention_and_restores_them
     VAE never reaches) and attention_by_matmuls; afterwards ComfyUI's own modules again."""
     from comfy.ldm.modules.diffusionmodules.model import AttnBlock
 
-    node_module = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["FewStepAccelerate"].__module__]
+    node_module = loaded_node_module(comfy)
     pack_acceleration = sys.modules[node_module.group_norm_for_compiler.__module__]  # ComfyUI's import of it
     monkeypatch.setattr(pack_acceleration, "CHANNEL_SUMS_MIN_ELEMENTS", channel_sums_from)
     _, _, vae = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(sd15.checkpoint_name)
@@ -243,7 +248,7 @@ def test_decoder_traced_for_compiler_swaps_norms_and_attention_and_restores_them
 def test_decoder_traced_for_compiler_restores_after_an_error_and_leaves_others_patches(comfy, sd15):
     from comfy.ldm.modules.diffusionmodules.model import AttnBlock
 
-    node_module = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["FewStepAccelerate"].__module__]
+    node_module = loaded_node_module(comfy)
     _, _, vae = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(sd15.checkpoint_name)
     decoder = vae.first_stage_model.decoder
     patched, cast, *plain = [m for m in decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
