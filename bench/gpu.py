@@ -141,6 +141,32 @@ class Marks:
         return out
 
 
+# The stages of one ComfyUI prompt, in order, between host-clock stamps (PhaseClock).
+PHASES = ("before sampling", "sampling", "to decode", "decode", "after decode")
+
+
+class PhaseClock:
+    """Host-clock stamps at the edges of a prompt's stages: where the end-to-end time that is neither
+    UNet nor VAE goes (the executor, the sampler's set-up, copies). No synchronisation is added: the
+    sampling stage ends with its latent copied to the CPU, and the decode stage is timed synchronised."""
+
+    EDGES = ("sampling", "sampled", "decoding", "decoded")
+
+    def __init__(self):
+        self.stamps: dict[str, float] = {}
+
+    def mark(self, edge: str) -> None:
+        self.stamps.setdefault(edge, time.perf_counter())  # the first: a prompt here samples once
+
+    def phases_ms(self, started: float, finished: float) -> dict[str, float]:
+        """One prompt's stages (PHASES), in ms; empty where a stage was not stamped."""
+        edges = [started, *(self.stamps.get(edge) for edge in self.EDGES), finished]
+        self.stamps = {}
+        if None in edges:
+            return {}
+        return {name: (end - begin) * 1e3 for name, begin, end in zip(PHASES, edges, edges[1:])}
+
+
 def synchronize(cuda: bool) -> None:
     if cuda:
         torch.cuda.synchronize()
@@ -165,6 +191,7 @@ class Cell:
     capture_s: float = float("nan")  # accelerated: capture time of the batch-1 graphs
     capture4_s: float = float("nan")
     check: dict = field(default_factory=dict)  # accelerated vs eager agreement
+    phases_ms: dict = field(default_factory=dict)  # ComfyUI, batch 1: median ms per stage of a prompt (PHASES)
     error: str = ""
 
     @property
@@ -414,6 +441,7 @@ class Comfy:
             raise RuntimeError("ComfyUI did not load the FewStep pack (FewStepAccelerate missing); see the log above")
         self.nodes, self.execution = nodes, execution
         self.kept: dict = {}
+        self.last_run = (float("nan"), float("nan"))  # host clock at the start and end of the last execution
         nodes.NODE_CLASS_MAPPINGS["FewStepBenchSink"] = self._sink_class()
         nodes.NODE_CLASS_MAPPINGS["FewStepBenchConditioningSink"] = _ConditioningSink
         self.executor = execution.PromptExecutor(_QuietServer(), cache_type=execution.CacheType.CLASSIC,
@@ -452,7 +480,8 @@ class Comfy:
         started = time.perf_counter()
         self.loop.run_until_complete(self.executor.execute_async(prompt, prompt_id, {}, outputs))
         synchronize(cuda)
-        elapsed = (time.perf_counter() - started) * 1e3
+        self.last_run = (started, time.perf_counter())
+        elapsed = (self.last_run[1] - started) * 1e3
         if not self.executor.success:
             errors = [data for event, data in self.executor.status_messages if event == "execution_error"]
             raise RuntimeError(f"execution failed: {json.dumps(errors, default=str)[:3000]}")
@@ -558,9 +587,10 @@ class CaptureLog(logging.Handler):
 
 def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda: bool, captures: CaptureLog,
                 results: dict, save) -> None:
+    import comfy.sample as comfy_sample  # `comfy` here is the Comfy runner
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    unet_marks, vae_ms, text_ms = Marks(cuda), [], []
+    unet_marks, vae_ms, text_ms, clock = Marks(cuda), [], [], PhaseClock()
     forward = UNetModel.forward
 
     def timed_forward(self, *a, **k):
@@ -570,20 +600,34 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
         finally:
             unet_marks.stop()
 
-    def timed(method, sink):
+    def timed(method, sink, begin=None, end=None):
         def wrapper(self, *a, **k):
             synchronize(cuda)
             started = time.perf_counter()
+            if begin:
+                clock.mark(begin)
             out = method(self, *a, **k)
             synchronize(cuda)
+            if end:
+                clock.mark(end)
             sink.append((time.perf_counter() - started) * 1e3)
             return out
         return wrapper
 
+    def stamped(function):  # comfy.sample's sample / sample_custom: what KSampler and SamplerCustom call
+        def wrapper(*a, **k):
+            clock.mark("sampling")
+            out = function(*a, **k)  # ends with the latent copied to ComfyUI's intermediate device
+            clock.mark("sampled")
+            return out
+        return wrapper
+
     decode, encode = comfy.nodes.VAEDecode.decode, comfy.nodes.CLIPTextEncode.encode
+    sample, sample_custom = comfy_sample.sample, comfy_sample.sample_custom
     UNetModel.forward = timed_forward
-    comfy.nodes.VAEDecode.decode = timed(decode, vae_ms)
+    comfy.nodes.VAEDecode.decode = timed(decode, vae_ms, "decoding", "decoded")
     comfy.nodes.CLIPTextEncode.encode = timed(encode, text_ms)
+    comfy_sample.sample, comfy_sample.sample_custom = stamped(sample), stamped(sample_custom)
     cells = results
     try:
         for config in configs:
@@ -627,12 +671,18 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
                         memory.reset()
                         vae_ms.clear()
                         unet_marks.recording = True
-                        runs = [comfy.run(comfy_prompt(config, built, route, batch, SEED + 100 + i, accelerate=accelerate))
-                                for i in range(reps)]
+                        runs, phases = [], []
+                        for i in range(reps):
+                            clock.stamps = {}
+                            runs.append(comfy.run(comfy_prompt(config, built, route, batch, SEED + 100 + i,
+                                                               accelerate=accelerate)))
+                            phases.append(clock.phases_ms(*comfy.last_run))
                         unet_marks.recording = False
                         stats = (median(runs), median(unet_marks.take_ms()), median(vae_ms), memory.peak_gib())
                         if batch == 1:
                             cell.e2e_ms, cell.unet_ms, cell.vae_ms, cell.peak_gib = stats
+                            if all(phases):
+                                cell.phases_ms = {name: median([p[name] for p in phases]) for name in PHASES}
                             cell.first_ms, cell.capture_s = first, capture_s
                         else:
                             cell.e2e4_ms, cell.unet4_ms, cell.vae4_ms, cell.peak4_gib = stats
@@ -660,6 +710,7 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
     finally:
         UNetModel.forward = forward
         comfy.nodes.VAEDecode.decode, comfy.nodes.CLIPTextEncode.encode = decode, encode
+        comfy_sample.sample, comfy_sample.sample_custom = sample, sample_custom
 
 
 def paired_native_fewstep(comfy: Comfy, config: Config, built: Built, pairs: int) -> dict:
@@ -796,6 +847,28 @@ def table(configs, results: dict) -> str:
     return "\n".join(lines)
 
 
+def phase_table(configs, results: dict) -> str:
+    """Batch 1, ComfyUI columns: each prompt's stages (medians over its runs; the stages' medians need
+    not add up to the e2e median exactly). "UNet" is the steps' GPU time (steps × UNet ms/call), and
+    "sampling − UNet" what the sampling stage spends besides it (set-up, the host-side steps, the
+    latent's copy to the CPU): the UNet's GPU time hides the host's launches except where the host
+    falls behind."""
+    header = ("| model | path | e2e b1 ms | before sampling | sampling | UNet (steps × call) | sampling − UNet | "
+              "to decode | decode | after decode |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for config in configs:
+        for column in [*COLUMNS[1:], ABLATION]:
+            cell = results[config.key].get(column)
+            if cell is None or cell.error or not cell.phases_ms:
+                continue
+            phase = cell.phases_ms
+            unet = config.steps * cell.unet_ms
+            lines.append(f"| {config.title} | {column} | {fmt(cell.e2e_ms)} | {fmt(phase['before sampling'])} | "
+                         f"{fmt(phase['sampling'])} | {fmt(unet)} | {fmt(phase['sampling'] - unet)} | "
+                         f"{fmt(phase['to decode'])} | {fmt(phase['decode'])} | {fmt(phase['after decode'])} |")
+    return "\n".join(lines)
+
+
 def targets(configs, results: dict) -> list[str]:
     lines = []
     for config in configs:
@@ -835,7 +908,10 @@ def to_json(value):
 
 def write_report(out: Path, configs, results: dict, env: dict, args) -> str:
     env_lines = "\n".join(f"- {k}: {v}" for k, v in env.items())
-    report = (f"{env_lines}\n\n{table(configs, results)}\n\n" + "\n".join(targets(configs, results))
+    report = (f"{env_lines}\n\n{table(configs, results)}\n\nWhere the batch-1 time goes (ComfyUI columns, "
+              f"host clock, medians in ms; UNet: its GPU time, steps × UNet ms/call):\n\n"
+              f"{phase_table(configs, results)}\n\n"
+              + "\n".join(targets(configs, results))
               + f"\n\nreps: batch 1 median of {args.reps} after {args.warmups} warm-ups; batch 4 median of "
                 f"{args.reps4} after {args.warmups4}; FewStepAccelerate compile_kernels={args.compile}, "
                 f"autotune_convolutions={args.autotune}; "

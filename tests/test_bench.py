@@ -1,5 +1,5 @@
 """The GPU benches' CPU-checkable parts: bench/gpu_profile.py's reading of a torch.profiler trace, on
-a trace written here, and bench/gpu.py's interleaved native/FewStep pairs, run with --smoke.
+a trace written here, and bench/gpu.py's interleaved native/FewStep pairs and per-stage times, run with --smoke.
 
 The profile it reads comes from a GPU; the arithmetic on it (busy time, idle gaps charged to the
 Python stack, GPU time per replayed graph) is pure and checked on a trace whose answers are known.
@@ -80,20 +80,34 @@ def test_read_trace_charges_idle_time_to_the_python_stack_and_times_each_graph(t
                                              "triton poi": pytest.approx(0.5)}
 
 
-def test_gpu_bench_smoke_times_native_and_fewstep_in_interleaved_pairs(tmp_path):
+def test_gpu_bench_smoke_times_pairs_and_the_stages_of_each_prompt(tmp_path):
     """bench/gpu.py --paired in real ComfyUI on the tiny SDXL model (CPU): each batch size gets its
-    pairs, and the FewStep / native verdict is taken from them."""
+    pairs, and the FewStep / native verdict is taken from them; every ComfyUI cell splits its batch-1
+    prompt into stages (sampling entered and left, decode entered and left) that add up to its e2e."""
     comfyui = require_comfyui()
     environment = {**os.environ, "COMFYUI_PATH": str(comfyui)}
     run = subprocess.run([sys.executable, str(PACK_ROOT / "bench" / "gpu.py"), "--smoke", "--configs", "turbo",
-                          "--paired", "2", "--paired-only", "--out", str(tmp_path)],
+                          "--paired", "2", "--out", str(tmp_path)],
                          env=environment, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    paired = json.loads((tmp_path / "results.json").read_text())["results"]["turbo"]["paired"]
+    results = json.loads((tmp_path / "results.json").read_text())["results"]["turbo"]
+    paired = results["paired"]
     for batch in ("b1", "b4"):
         assert paired[batch]["pairs"] == 2
         assert paired[batch]["native_ms"] > 0 and paired[batch]["fewstep_ms"] > 0
-    assert "median of 2 interleaved pairs" in (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert "median of 2 interleaved pairs" in report
+
+    import gpu
+
+    for column in gpu.COLUMNS[1:]:
+        cell = results[column]
+        phases = cell["phases_ms"]
+        assert list(phases) == list(gpu.PHASES) and all(value >= 0 for value in phases.values()), (column, phases)
+        # one timed run (smoke): its stages are consecutive pieces of that run's e2e
+        assert sum(phases.values()) == pytest.approx(cell["e2e_ms"], rel=1e-6), (column, phases, cell["e2e_ms"])
+        assert phases["sampling"] >= cell["unet_ms"] and phases["decode"] == pytest.approx(cell["vae_ms"], rel=0.05)
+        assert f"| {column} | {cell['e2e_ms']:.1f} | {phases['before sampling']:.1f} |" in report
 
 
 def test_paired_runs_alternate_the_order_and_divide_each_pair(monkeypatch):
