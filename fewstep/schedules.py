@@ -1,6 +1,7 @@
 """Timesteps and σ for each family, computed by the diffusers scheduler the family's card uses."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Sequence
@@ -111,6 +112,15 @@ def reference_timesteps(
                 "starts; leave denoise at 1.0 and start the list lower (e.g. 499, 259) for img2img."
             )
         return timesteps
+    return list(_family_timesteps(family.name, steps, denoise, original_inference_steps))
+
+
+# ComfyUI validates every queued prompt (FewStepScheduler.validate_inputs computes the schedule) and
+# building a diffusers scheduler takes about a millisecond; the answer depends on the arguments alone
+# (FAMILIES is fixed at import). Invalid arguments raise, and exceptions are not cached.
+@functools.lru_cache(maxsize=1024)
+def _family_timesteps(family_name: str, steps: int, denoise: float, original_inference_steps: int) -> tuple[int, ...]:
+    family = get_family(family_name)
     check_steps(family, steps, denoise, original_inference_steps)
 
     published = family.published_timesteps.get(steps)
@@ -121,13 +131,13 @@ def reference_timesteps(
         kwargs = {"timesteps": list(published)} if published else {"num_inference_steps": steps}
         with _quiet_diffusers():
             scheduler.set_timesteps(strength=denoise, **kwargs)
-        return [int(t) for t in scheduler.timesteps]
+        return tuple(int(t) for t in scheduler.timesteps)
 
     # Trailing spacing: the full schedule, then diffusers' img2img get_timesteps keeps the last
     # int(steps · denoise) of it.
     full = list(published) if published else trailing_timesteps(steps)
     kept = min(int(steps * denoise), steps)
-    return full[steps - kept:]
+    return tuple(full[steps - kept:])
 
 
 def trailing_timesteps(steps: int) -> list[int]:

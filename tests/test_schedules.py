@@ -73,3 +73,33 @@ def test_bad_input_names_the_input_and_the_fix(call, words):
         call()
     for word in words:
         assert word in str(error.value)
+
+
+def test_a_repeated_schedule_builds_its_diffusers_scheduler_once(monkeypatch):
+    """ComfyUI validates every queued prompt, so the same schedule is asked for again and again: the
+    diffusers scheduler is built the first time only, each caller gets its own list, and invalid
+    arguments are refused every time (errors are not remembered as answers)."""
+    from diffusers import schedulers as diffusers_schedulers
+
+    from comfyui_fewstep.fewstep import schedules
+
+    built = []
+
+    def counting(from_config):
+        def build(cls, *args, **kwargs):
+            built.append(cls.__name__)
+            return from_config(cls, *args, **kwargs)
+        return classmethod(build)
+
+    for name in ("DDIMScheduler", "LCMScheduler"):
+        scheduler_class = getattr(diffusers_schedulers, name)
+        monkeypatch.setattr(scheduler_class, "from_config", counting(scheduler_class.from_config.__func__))
+    schedules._family_timesteps.cache_clear()
+    first = reference_timesteps("lightning", 4)
+    first.append(-1)  # a caller's change must not reach the next caller
+    assert reference_timesteps("lightning", 4) == [999, 749, 499, 249]
+    assert reference_timesteps("lcm", 4, 0.5) == reference_timesteps("lcm", 4, 0.5) == [499, 379, 259, 139]
+    assert built == ["DDIMScheduler", "LCMScheduler"]
+    for _ in range(2):
+        with pytest.raises(FewStepInputError, match="steps × denoise"):
+            reference_timesteps("turbo", 2, 0.4)
