@@ -87,6 +87,8 @@ CONFIGS = [  # turbo first: the quickest exercise of every column
 ]
 COLUMNS = ["diffusers eager", "ComfyUI native", "ComfyUI + FewStep", "ComfyUI + FewStep accelerated"]
 ABLATION = "accelerated, CUDA graphs only"  # --ablation: FewStepAccelerate with compile_kernels off, same run
+# A cell not started because the run's --budget-s was spent: reported, but not a failure of the run.
+SKIPPED = "skipped: over the time budget"
 
 # The real architectures (diffusers configs of stabilityai/stable-diffusion-xl-base-1.0 and
 # runwayml/stable-diffusion-v1-5) and the same UNets as ComfyUI ldm configs for the key map.
@@ -353,7 +355,7 @@ def diffusers_cells(built: Built, configs, args, memory: Memory, cuda: bool, res
     for config in configs:
         cell = Cell()
         if over_budget(args):
-            cell.error = "skipped: over the time budget"
+            cell.error = SKIPPED
             cells[config.key][COLUMNS[0]] = cell
             continue
         try:
@@ -653,7 +655,7 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
             for route, column, accelerate in routes:
                 cell = Cell(text_ms=text)
                 if over_budget(args):
-                    cell.error = "skipped: over the time budget"
+                    cell.error = SKIPPED
                     cells[config.key][column] = cell
                     continue
                 try:
@@ -699,12 +701,16 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
                     log(f"ComfyUI {route} {config.key} FAILED: {cell.error}\n{traceback.format_exc()}")
                 cells[config.key][column] = cell
                 save()
-            if args.paired and not over_budget(args):
+            if args.paired and over_budget(args):
+                cells[config.key]["paired"] = {"error": SKIPPED}
+                log(f"ComfyUI native vs FewStep pairs, {config.key}: {SKIPPED}")
+            elif args.paired:
                 try:
                     cells[config.key]["paired"] = paired_native_fewstep(comfy, config, built, args.paired)
                     log(f"ComfyUI native vs FewStep, {args.paired} interleaved pairs, {config.key}: "
                         + "; ".join(f"{b} FewStep/native {p['ratio_median']:.3f}" for b, p in cells[config.key]["paired"].items()))
                 except Exception as error:
+                    cells[config.key]["paired"] = {"error": f"{type(error).__name__}: {error}"[:500]}
                     log(f"paired native/FewStep {config.key} FAILED: {error}\n{traceback.format_exc()}")
                 save()
     finally:
@@ -828,7 +834,8 @@ def table(configs, results: dict) -> str:
             if cell is None:
                 continue
             if cell.error:
-                lines.append(f"| {config.title} | {column} | failed: {cell.error[:120]} |" + " |" * 11)
+                status = cell.error if cell.error == SKIPPED else f"failed: {cell.error[:120]}"
+                lines.append(f"| {config.title} | {column} | {status} |" + " |" * 11)
                 continue
             speed = base.e2e_ms / cell.e2e_ms if column != COLUMNS[0] else 1.0
             speed4 = cell.images_per_s4 / base.images_per_s4 if column != COLUMNS[0] else 1.0
@@ -875,6 +882,9 @@ def targets(configs, results: dict) -> list[str]:
         cells = results[config.key]
         native, ours, fast, base = (cells.get(c) for c in (COLUMNS[1], COLUMNS[2], COLUMNS[3], COLUMNS[0]))
         paired = cells.get("paired")
+        if paired and "error" in paired:
+            lines.append(f"- {config.title}: interleaved native / FewStep pairs not measured ({paired['error']})")
+            paired = None
         if paired:
             r1, r4 = paired["b1"]["ratio_median"], paired["b4"]["ratio_median"]
             quartiles = {b: ", ".join(f"{q:.3f}" for q in p["ratio_quartiles"]) for b, p in paired.items()}
@@ -1015,7 +1025,9 @@ def main(argv=None) -> int:
     report = write_report(out, chosen, results, env, args)
     print("\n" + report, flush=True)
     failed = [f"{k}/{c}" for k, cells in results.items() for c, cell in cells.items()
-              if isinstance(cell, Cell) and cell.error]
+              if (cell.error if isinstance(cell, Cell) else cell.get("error")) not in (None, "", SKIPPED)]
+    if failed:
+        print(f"failed cells: {', '.join(failed)}", flush=True)
     return 1 if failed else 0
 
 

@@ -4,7 +4,8 @@ bench/gpu.py gives the table; this says, for one model, what fills each end-to-e
 - the GPU's busy time per prompt, by kernel family (matrix products, convolutions, attention,
   Triton kernels, copies), and per replayed CUDA graph (UNet step, VAE decode);
 - the time the GPU sits idle inside a prompt, charged to the Python functions the host was in
-  (inclusive: a function is charged for every idle microsecond while it is on the stack).
+  (inclusive: a function is charged for every idle microsecond while it is on the stack);
+- the host's time per Python function (calls and inclusive time per prompt, tracer overhead included).
 
 Variants of the accelerated path run one after another in the same process, each measured with the
 profiler off (median end-to-end) and then traced, and each checked against the eager FewStep chain
@@ -45,6 +46,7 @@ VARIANT_OPTIONS = {
 }
 
 IDLE_GAP_US = 5.0  # GPU gaps shorter than this are launch latency between back-to-back kernels
+HOST_FUNCTIONS_KEPT = 80  # the Python functions with the most host time per prompt, in the summary
 
 
 def pack_modules(suffix: str):
@@ -150,6 +152,21 @@ def read_trace(path: Path) -> dict:
             idle_by_function[name] += length
         idle_gaps.append((length, start - prompt_start, short(stack[-1]["name"]) if stack else "(no Python)"))
 
+    # Host time per Python function inside the prompts: calls and inclusive time (a recursive
+    # function's inner calls are not counted again), with the tracer's own overhead in it.
+    host_calls, host_us = collections.Counter(), collections.Counter()
+    for prompt in prompts:
+        lo, hi = prompt["ts"], prompt["ts"] + prompt["dur"]
+        open_until: dict[str, float] = {}
+        for e in python:
+            if not lo <= e["ts"] < hi:
+                continue
+            name = short(e["name"])
+            host_calls[name] += 1
+            if e["ts"] >= open_until.get(name, -1.0):
+                host_us[name] += e["dur"]
+                open_until[name] = e["ts"] + e["dur"]
+
     graphs = collections.defaultdict(list)
     order = sorted(per_launch, key=lambda c: launches[c]["ts"])
     for correlation, stack in zip(order, stacks_at(python, [launches[c]["ts"] for c in order])):
@@ -168,6 +185,8 @@ def read_trace(path: Path) -> dict:
         "idle_by_function_ms": {k: v / n / 1e3 for k, v in idle_by_function.most_common(45)},
         "largest_idle_gaps": [{"ms": g / 1e3, "at_ms": at / 1e3, "in": where}
                               for g, at, where in sorted(idle_gaps, reverse=True)[:25]],
+        "host_functions_per_prompt": {name: {"calls": host_calls[name] / n, "ms_traced": us / n / 1e3}
+                                      for name, us in host_us.most_common(HOST_FUNCTIONS_KEPT)},
     }
 
 

@@ -56,6 +56,7 @@ def test_read_trace_charges_idle_time_to_the_python_stack_and_times_each_graph(t
         event("prompt 0", 0, 1000, "user_annotation"),
         event("execute", 0, 1000, "python_function"),
         event("prepare", 0, 100, "python_function"),
+        event("prepare", 10, 50, "python_function"),  # a recursive call: counted, its time not again
         event("diffusion_model", 100, 20, "python_function"),
         event("finish", 900, 100, "python_function"),
         event("cudaGraphLaunch", 105, 10, "cuda_runtime", correlation=7),
@@ -78,6 +79,11 @@ def test_read_trace_charges_idle_time_to_the_python_stack_and_times_each_graph(t
                                                "matrix product (cuBLAS)": pytest.approx(0.2)}
     assert summary["kernel_families_ms"] == {"matrix product (cuBLAS)": pytest.approx(0.2),
                                              "triton poi": pytest.approx(0.5)}
+    host = summary["host_functions_per_prompt"]
+    assert host["execute"] == {"calls": 1, "ms_traced": pytest.approx(1.0)}
+    assert host["prepare"] == {"calls": 2, "ms_traced": pytest.approx(0.1)}
+    assert host["diffusion_model"]["ms_traced"] == pytest.approx(0.02)
+    assert list(host)[0] == "execute"  # most host time first
 
 
 def test_gpu_bench_smoke_times_pairs_and_the_stages_of_each_prompt(tmp_path):
@@ -137,3 +143,23 @@ def test_paired_runs_alternate_the_order_and_divide_each_pair(monkeypatch):
     assert paired["b1"]["ratio_median"] == pytest.approx(statistics.median(f / n for f, n in zip(fewstep, native)))
     assert paired["b1"]["native_ms"] == statistics.median(native)
     assert paired["b1"]["pairs"] == paired["b4"]["pairs"] == 4 and len(order) == 20
+
+
+def test_gpu_bench_reports_cells_skipped_for_the_time_budget_without_failing(tmp_path):
+    """--budget-s spent before any cell starts: every cell and the pairs are reported as skipped, and
+    the run still exits 0 (a skip is the budget doing its job, not a failed measurement)."""
+    comfyui = require_comfyui()
+    environment = {**os.environ, "COMFYUI_PATH": str(comfyui)}
+    run = subprocess.run([sys.executable, str(PACK_ROOT / "bench" / "gpu.py"), "--smoke", "--configs", "turbo",
+                          "--ablation", "--paired", "2", "--budget-s", "0", "--out", str(tmp_path)],
+                         env=environment, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    import gpu
+
+    results = json.loads((tmp_path / "results.json").read_text())["results"]["turbo"]
+    for column in [*gpu.COLUMNS, gpu.ABLATION]:
+        assert results[column]["error"] == gpu.SKIPPED, column
+    assert results["paired"] == {"error": gpu.SKIPPED}
+    report = (tmp_path / "results.md").read_text()
+    assert report.count(f"| {gpu.SKIPPED} |") == len(gpu.COLUMNS) + 1 and "failed" not in report
+    assert f"pairs not measured ({gpu.SKIPPED})" in report
