@@ -10,7 +10,9 @@ Per cell: median end-to-end latency of a queued generation (UNet steps + VAE dec
 a float image on the CPU; text encoding is cached by ComfyUI and measured apart), the UNet's time per
 call (CUDA events around UNetModel.forward / diffusers' UNet), the VAE decode stage (host clock,
 synchronised, around VAEDecode / around vae.decode through `.cpu()`), peak VRAM the process reserved
-(torch's caching allocator, CUDA-graph pools included), and images/s at batch 4.
+(torch's caching allocator, CUDA-graph pools included), and images/s at batch 4. For each ComfyUI
+cell, also where a batch-1 prompt's time goes: host-clock stamps at the edges of its sampling and
+decode stages (PhaseClock).
 
     python3 bench/gpu.py                       # CUDA: the full table; compiling takes most of it, about
                                                # 4 min per SDXL model with a cold Inductor cache (H200)
