@@ -159,13 +159,16 @@ class PhaseClock:
     def __init__(self):
         self.stamps: dict[str, float] = {}
 
+    def clear(self) -> None:
+        """Before a timed prompt: the stamps of earlier prompts (warm-ups too) are dropped."""
+        self.stamps = {}
+
     def mark(self, edge: str) -> None:
         self.stamps.setdefault(edge, time.perf_counter())  # the first: a prompt here samples once
 
     def phases_ms(self, started: float, finished: float) -> dict[str, float]:
-        """One prompt's stages (PHASES), in ms; empty where a stage was not stamped."""
+        """The stages (PHASES) of the prompt stamped since clear(), in ms; empty where one was not stamped."""
         edges = [started, *(self.stamps.get(edge) for edge in self.EDGES), finished]
-        self.stamps = {}
         if None in edges:
             return {}
         return {name: (end - begin) * 1e3 for name, begin, end in zip(PHASES, edges, edges[1:])}
@@ -677,7 +680,7 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
                         unet_marks.recording = True
                         runs, phases = [], []
                         for i in range(reps):
-                            clock.stamps = {}
+                            clock.clear()
                             runs.append(comfy.run(comfy_prompt(config, built, route, batch, SEED + 100 + i,
                                                                accelerate=accelerate)))
                             phases.append(clock.phases_ms(*comfy.last_run))
