@@ -17,6 +17,8 @@ decode stages (PhaseClock).
     python3 bench/gpu.py                       # CUDA: the full table; compiling takes most of it, about
                                                # 4 min per SDXL model with a cold Inductor cache (H200)
     python3 bench/gpu.py --smoke               # CPU: tiny models, 64² images, one repetition
+    python3 bench/gpu.py --tiny                # CUDA: the same tiny models, the GPU next to idle: what each
+                                               # path costs the host per prompt (its floor)
     python3 bench/gpu.py --configs turbo --out bench/out
 """
 from __future__ import annotations
@@ -320,7 +322,7 @@ def save_lora(models_dir: Path, lora: dict) -> str:
 
 
 def build_tiny(base: str, models_dir: Path) -> Built:
-    """--smoke: the tests' tiny models (fp32, CPU), same code paths."""
+    """--smoke and --tiny: the tests' tiny models (fp32 files; diffusers runs them in fp32), same code paths."""
     from diffusers import AutoPipelineForText2Image
 
     tiny = tiny_models.build_sdxl(models_dir) if base == "sdxl" else tiny_models.build_sd15(models_dir)
@@ -945,6 +947,9 @@ def over_budget(args) -> bool:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, 64² images, one repetition")
+    parser.add_argument("--tiny", action="store_true",
+                        help="CUDA, the tests' tiny models at 64²: each prompt's own host time with next to no GPU "
+                             "work (the end-to-end ms targets are not judged on it)")
     parser.add_argument("--configs", default=",".join(c.key for c in CONFIGS))
     parser.add_argument("--warmups", type=int, default=None, help="untimed runs first at batch 1 (default 3; smoke 1)")
     parser.add_argument("--warmups4", type=int, default=None, help="untimed runs first at batch 4 (default 2; smoke 1)")
@@ -970,7 +975,9 @@ def main(argv=None) -> int:
     if COMFYUI_PATH is None:
         print(COMFYUI_MISSING)
         return 1
-    cuda = not args.smoke
+    if args.smoke and args.tiny:
+        parser.error("--smoke already uses the tiny models (on the CPU); --tiny runs them on the GPU")
+    cuda, tiny = not args.smoke, args.smoke or args.tiny
     if cuda and not torch.cuda.is_available():
         print("no CUDA device: run with --smoke for the CPU check")
         return 1
@@ -979,9 +986,9 @@ def main(argv=None) -> int:
     args.reps = args.reps or (1 if args.smoke else 10)
     args.reps4 = args.reps4 or (1 if args.smoke else 6)
     chosen = [c for c in CONFIGS if c.key in args.configs.split(",")]
-    if args.smoke:
-        chosen = [Config(c.key, c.title.replace("1024²", "64²").replace("512²", "64²"), c.base, c.family, c.steps, 64,
-                         c.lora, c.diffusers_timesteps) for c in chosen]
+    if tiny:
+        chosen = [Config(c.key, c.title.replace("1024²", "64²").replace("512²", "64²") + ", tiny model", c.base,
+                         c.family, c.steps, 64, c.lora, c.diffusers_timesteps) for c in chosen]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base_directory = Path(tempfile.mkdtemp(prefix="fewstep-gpu-bench-"))
@@ -1010,7 +1017,7 @@ def main(argv=None) -> int:
         group = [c for c in chosen if c.base == base]
         if not group:
             continue
-        built = build_full(base, models, "cuda", dtype) if cuda else build_tiny(base, models)
+        built = build_tiny(base, models) if tiny else build_full(base, models, "cuda", dtype)
         if not args.paired_only:
             diffusers_cells(built, group, args, memory, cuda, results, save)
         built.pipeline_factory = None  # drop the diffusers modules before ComfyUI loads its copy

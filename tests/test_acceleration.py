@@ -369,6 +369,30 @@ def test_node_clones_the_model_and_accelerating_twice_keeps_one_wrapper(comfy, s
     assert once.model is model.model  # a ModelPatcher clone: same weights
 
 
+def test_weight_snapshot_sees_every_way_a_weight_can_leave_its_address():
+    """In place is fine (the graph reads the new values); a new tensor, a new storage under the same
+    Parameter (what Module.to() does), an emptied slot or a swapped buffer is not."""
+    def fresh():
+        module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+        return module, WeightSnapshot(module)
+
+    module, snapshot = fresh()
+    with torch.no_grad():
+        module[0].weight.mul_(2)
+    assert snapshot.unchanged()
+    module[0].weight = torch.nn.Parameter(module[0].weight.detach().clone())
+    assert not snapshot.unchanged()
+    module, snapshot = fresh()
+    module[0].weight.data = module[0].weight.data.clone()
+    assert not snapshot.unchanged()
+    module, snapshot = fresh()
+    module[0].bias = None
+    assert not snapshot.unchanged()
+    module, snapshot = fresh()
+    module[1].running_mean = module[1].running_mean.clone()
+    assert not snapshot.unchanged()
+
+
 def test_weight_snapshot_follows_comfyui_patching_a_lora_in_and_out(comfy, sd15, tmp_path):
     """A graph may replay only while every weight is the tensor it captured: ComfyUI swaps in new
     tensors when it patches a LoRA in and restores the originals when it patches it out."""
