@@ -18,8 +18,8 @@ default                the node as shipped
 coordinate_descent     Inductor's coordinate_descent_tuning on (tunes the block sizes of the fused
                        pointwise and reduction kernels; longer compile)
 max_autotune_gemm      Inductor's max_autotune_gemm on (Triton templates timed against cuBLAS and cuDNN
-                       for every matrix product and convolution; the Turbo UNet's first shape did not
-                       finish compiling in 9.5 min on an H200, bench/RESULTS.md run 10)
+                       for every matrix product and convolution; the Turbo UNet's first shape had not
+                       finished compiling after about 9 min on an H200, bench/RESULTS.md run 10)
 """
 from __future__ import annotations
 
