@@ -111,6 +111,12 @@ SD15_LDM = dict(num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transfor
                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1)
 
 
+def tiny_config(config: Config) -> Config:
+    """`config` for the tests' tiny models (--smoke, --tiny): 64² images, no end-to-end target."""
+    return Config(config.key, config.title.replace("1024²", "64²").replace("512²", "64²") + ", tiny model",
+                  config.base, config.family, config.steps, 64, config.lora, config.diffusers_timesteps)
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -987,8 +993,7 @@ def main(argv=None) -> int:
     args.reps4 = args.reps4 or (1 if args.smoke else 6)
     chosen = [c for c in CONFIGS if c.key in args.configs.split(",")]
     if tiny:
-        chosen = [Config(c.key, c.title.replace("1024²", "64²").replace("512²", "64²") + ", tiny model", c.base,
-                         c.family, c.steps, 64, c.lora, c.diffusers_timesteps) for c in chosen]
+        chosen = [tiny_config(c) for c in chosen]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base_directory = Path(tempfile.mkdtemp(prefix="fewstep-gpu-bench-"))

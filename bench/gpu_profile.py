@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config = next(c for c in gpu.CONFIGS if c.key == args.config)
     if args.smoke:
-        config = gpu.Config(config.key, config.title, config.base, config.family, config.steps, 64, config.lora)
+        config = gpu.tiny_config(config)
     base_directory = Path(tempfile.mkdtemp(prefix="fewstep-gpu-profile-"))
     runner = gpu.Comfy(base_directory, cpu=not cuda)
     models = base_directory / "models"
