@@ -50,6 +50,30 @@ def require_comfyui() -> Path:
     return COMFYUI_PATH
 
 
+def comfyui_on_path(comfyui_path: Path | None = None) -> Path:
+    """Put ComfyUI first on sys.path, and the pack's root nowhere on it.
+
+    ComfyUI's code does `import nodes` (its nodes.py); the pack has a package `nodes/`. With the pack's
+    root on sys.path — `python -m pytest` run from it adds the working directory — the pack's would be
+    found instead wherever it comes first. Entries are compared by the folder they resolve to.
+    """
+    comfyui_path = Path(comfyui_path or require_comfyui()).resolve()
+
+    def resolves_to(entry: str, folder: Path) -> bool:
+        try:
+            return Path(entry or os.getcwd()).resolve() == folder
+        except OSError:
+            return False
+
+    sys.path[:] = [entry for entry in sys.path
+                   if not resolves_to(entry, PACK_ROOT) and not resolves_to(entry, comfyui_path)]
+    sys.path.insert(0, str(comfyui_path))
+    imported = sys.modules.get("nodes")
+    if imported is not None and Path(getattr(imported, "__file__", "") or "").resolve().parent.parent == PACK_ROOT:
+        del sys.modules["nodes"]  # the pack's package, imported by its top-level name: not ComfyUI's
+    return comfyui_path
+
+
 def make_base_directory(base: Path) -> Path:
     """A ComfyUI base directory whose custom_nodes/ links to this pack."""
     for sub in ("custom_nodes", "models/checkpoints", "models/loras", "models/diffusion_models",
@@ -86,8 +110,7 @@ class InProcessComfy:
     def __init__(self, comfyui_path: Path, base_directory: Path):
         self.comfyui_path = comfyui_path
         self.base_directory = make_base_directory(base_directory)
-        if str(comfyui_path) not in sys.path:
-            sys.path.insert(0, str(comfyui_path))
+        comfyui_on_path(comfyui_path)
         from comfy.cli_args import args
 
         args.cpu = True  # before comfy.model_management is imported, or it picks CUDA

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sys
 import urllib.error
 import urllib.parse
 import uuid
@@ -41,6 +40,7 @@ from comfy_harness import (
     PACK_FOLDER_NAME,
     PACK_ROOT,
     ComfyServer,
+    comfyui_on_path,
     make_base_directory,
     require_comfyui,
 )
@@ -89,8 +89,7 @@ def reference_badge(family: str, steps=None, cfg=None, eta=None) -> str:
 def server(tmp_path_factory):
     comfyui = require_comfyui()
     require_browser()
-    if str(comfyui) not in sys.path:
-        sys.path.insert(0, str(comfyui))  # tiny_models builds with ComfyUI's key maps
+    comfyui_on_path(comfyui)  # tiny_models builds with ComfyUI's key maps
     base = make_base_directory(tmp_path_factory.mktemp("browser_base"))
     write_frontend_settings(base)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

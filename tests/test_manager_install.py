@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_harness import PACK_FOLDER_NAME, PACK_ROOT, ComfyServer, require_comfyui
+from comfy_harness import PACK_FOLDER_NAME, PACK_ROOT, ComfyServer, comfyui_on_path, require_comfyui
 
 PYPROJECT = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text())
 
@@ -36,10 +36,6 @@ MANAGER_MISSING = (
 COMFY_CLI_MISSING = "comfy-cli not installed (pip install comfy-cli): its `comfy node validate` skipped"
 
 
-def comfyui_on_path() -> None:
-    comfyui_path = str(require_comfyui())
-    if comfyui_path not in sys.path:
-        sys.path.insert(0, comfyui_path)
 
 
 # --- The Comfy Registry -------------------------------------------------------------------------

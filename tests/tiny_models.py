@@ -373,9 +373,9 @@ if __name__ == "__main__":
     import sys
     import time
 
-    from comfy_harness import require_comfyui
+    from comfy_harness import comfyui_on_path
 
-    sys.path.insert(0, str(require_comfyui()))
+    comfyui_on_path()
     target = Path(sys.argv[1] if len(sys.argv) > 1 else cache_dir() / "models")
     for builder in (build_sd15, build_sdxl):
         start = time.perf_counter()
