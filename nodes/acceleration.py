@@ -26,6 +26,7 @@ from ..fewstep.acceleration import (
     GraphCache,
     attention_by_matmuls,
     compile_unavailable_reason,
+    compiled_capture_unavailable_reason,
     cuda_graph_unavailable_reason,
     group_norm_for_compiler,
     tensor_signature,
@@ -241,7 +242,8 @@ class FewStepAccelerate(io.ComfyNode):
         compile_reason = backend = None
         if compile_kernels and not graph_reasons:
             compile_reason = (compile_unavailable_reason(model.load_device)
-                              or compile_unavailable_reason(vae.device))
+                              or compile_unavailable_reason(vae.device)
+                              or compiled_capture_unavailable_reason())
             backend = None if compile_reason else COMPILE_BACKEND
 
         # A user's Cancel raised inside a UNet or decoder run must stop the prompt, not be fallen back from.

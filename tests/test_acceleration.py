@@ -3,7 +3,7 @@
 CUDA graphs need a GPU; CI has none, so here every call takes the fallback path, with the node's
 wrappers and VAE override in place. The outputs must then equal the eager path's exactly: the same
 ComfyUI code computes them, so any difference is a wrapper passing something wrong. Whether graph
-replay and Inductor's kernels match eager (within fewstep.acceleration.RELATIVE_L2_TOLERANCE) is
+replay and Inductor's kernels match eager (within fewstep.acceleration's RELATIVE_L2_TOLERANCE) is
 checked on the GPU by bench/gpu.py, which prints the measured error next to the timings. What CPU can
 check of compiling is that Dynamo traces the very functions the node captures, through ComfyUI's
 wrapper executor, UNet and VAE decoder, in a real sampling run.
@@ -20,7 +20,7 @@ import torch
 import lora_factory
 from graphs import SEED, text_and_model
 
-from comfyui_fewstep.fewstep import acceleration
+from comfyui_fewstep.fewstep.acceleration import compiler_forms, graphs
 from comfyui_fewstep.fewstep.acceleration import (
     COMPILE_BACKEND,
     RELATIVE_L2_TOLERANCE,
@@ -168,7 +168,7 @@ def test_graph_cache_falls_back_from_compiling_to_plain_capture_to_eager(
         def __call__(self, inputs):
             return "compiled" if self.compiled else "plain"
 
-    monkeypatch.setattr(acceleration, "CapturedGraph", CapturedGraphFailingAsTold)
+    monkeypatch.setattr(graphs, "CapturedGraph", CapturedGraphFailingAsTold)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     cache = GraphCache("UNet", compile_backend=COMPILE_BACKEND, passthrough=(Interrupted,))
@@ -193,7 +193,7 @@ def test_graph_cache_passes_a_cancel_through_instead_of_falling_back(monkeypatch
         def __init__(self, *args, **kwargs):
             raise raised
 
-    monkeypatch.setattr(acceleration, "CapturedGraph", CapturedGraphCancelled)
+    monkeypatch.setattr(graphs, "CapturedGraph", CapturedGraphCancelled)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     cache = GraphCache("UNet", compile_backend=COMPILE_BACKEND, passthrough=(Interrupted,))
     with pytest.raises(Interrupted):
@@ -216,7 +216,7 @@ def test_accelerated_vae_decode_equals_vae_decode_in_float(comfy, sd15):
     assert accelerated_vae.first_stage_model is vae.first_stage_model  # shares weights, no copy
 
 
-@pytest.mark.parametrize("channel_sums_from", [0, acceleration.CHANNEL_SUMS_MIN_ELEMENTS])
+@pytest.mark.parametrize("channel_sums_from", [0, compiler_forms.CHANNEL_SUMS_MIN_ELEMENTS])
 def test_decoder_traced_for_compiler_swaps_norms_and_attention_and_restores_them(comfy, sd15, monkeypatch,
                                                                                   channel_sums_from):
     """What the compiler traces of ComfyUI's decoder: the same decode (float32 here), computed by
@@ -316,7 +316,7 @@ def test_group_norm_by_channel_sums_in_half_precision_is_as_close_as_group_norm(
 
 def test_group_norm_for_compiler_leaves_inputs_without_positions_to_torch():
     x = torch.randn(4, 32)
-    assert torch.equal(acceleration.group_norm_for_compiler(x, 8), torch.nn.functional.group_norm(x, 8))
+    assert torch.equal(compiler_forms.group_norm_for_compiler(x, 8), torch.nn.functional.group_norm(x, 8))
     with pytest.raises(ValueError, match="positions"):
         group_norm_by_channel_sums(x, 8)
 

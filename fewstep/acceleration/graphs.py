@@ -1,31 +1,23 @@
-"""Fixed-shape acceleration: CUDA-graph capture per input shape, and the tolerance it is held to.
-
-Few-step sampling runs the UNet 1–4 times and the VAE decoder once, at one shape, so at 512² the GPU
-mostly waits for Python to launch ~1,500 kernels per UNet call. A CUDA graph records those launches
-once per shape and replays them with one call (PyTorch's "CUDA Graphs" notes, torch.cuda.CUDAGraph).
-Optionally the function is first compiled by torch.compile (TorchInductor) for that shape: it fuses
-the memory-bound work around the matrix products and convolutions (GroupNorm + SiLU, residual adds,
-GEGLU) and lays the convolutions out channels-last, which shortens the GPU time that graphs alone
-leave as it is; the graph then records the compiled kernels. Two of the VAE decoder's operations are
-traced in other forms for it (group_norm_by_channel_sums, attention_by_matmuls; see there).
-A graph replays fixed memory addresses: its inputs are copied into static buffers, its output is
-copied out, and it is only valid while every parameter and buffer of the module it ran is the
-tensor that was captured — `WeightSnapshot` checks that, so a re-patched or offloaded model is
-re-captured or run eagerly instead of reading freed memory.
-
-Torch only; the ComfyUI side (ModelPatcher wrappers, the VAE object) is in nodes/acceleration.py.
-"""
+"""CUDA graphs of one callable per input shape: capture, replay, the weight check, the per-part cache."""
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Sequence
 
 import torch
+
+from .compiler import (
+    NATIVE_ALLOCATOR_FLAG,
+    STREAM_ORDERED_ALLOCATOR,
+    CompileFailed,
+    allocator_backend,
+    compile_for_one_shape,
+    kernel_launches_by_address,
+)
 
 log = logging.getLogger("fewstep.acceleration")
 
@@ -34,68 +26,6 @@ log = logging.getLogger("fewstep.acceleration")
 # "warm up on a side stream before capture"). Three is what the PyTorch notes' examples use.
 WARMUP_RUNS = 3
 DEFAULT_MAX_SHAPES = 4
-
-# The accelerated path must agree with the eager path it replaces (same ComfyUI model, same inputs)
-# to this relative L2 error, ‖accelerated − eager‖ / ‖eager‖, on the final latent and on the decoded
-# image. A replayed graph runs the same kernels as eager, except where cuDNN's autotuning (optional)
-# picks another convolution algorithm, which sums in another order: in fp16 (unit roundoff 4.9e-4)
-# and bf16 (3.9e-3, ComfyUI's VAE dtype) that stays near 1e-3 through a UNet and a decoder. A stale
-# buffer, a missed input or a wrong shape gives errors of order 1, so 1e-2 separates the two.
-RELATIVE_L2_TOLERANCE = 1e-2
-# Compiled kernels sum in another order than eager (fused reductions, channels-last convolutions).
-# Measured on an H200 (bench/RESULTS.md): at most 5.1e-4 on the latent and 4.1e-3 on the bf16-decoded
-# image, so compiled graphs are held to the same tolerance, still well apart from errors of order 1.
-
-# torch.compile's GPU code generator. One shape per compile (dynamic=False): a few-step run repeats
-# one shape, and static shapes give the fused kernels their fixed sizes. conv_1x1_as_mm runs the 1×1
-# convolutions (resnet shortcuts, the VAE's attention projections) as matrix products, which
-# Inductor can fuse with their neighbours. Weights stay graph inputs (no freezing): ComfyUI
-# re-patches them in place.
-COMPILE_BACKEND = "inductor"
-COMPILE_OPTIONS = {"conv_1x1_as_mm": True}
-# Dynamo keeps compiled code per Python function, shared by all its closures, and recompiles when a
-# guard fails: at each new shape (dynamic=False) and for each model. Past its default limit of 8
-# recompiles it would silently run that function eagerly, so a server that has seen a few sizes and
-# models would lose the compiled kernels. The limit is raised only while a capture compiles.
-COMPILE_RECOMPILE_LIMIT = 256
-# While compiling: fail rather than run eagerly where Dynamo would give up silently (the recompile
-# limit, or TORCHDYNAMO_SUPPRESS_ERRORS set in the environment), so that the fallback says so.
-# Keys this torch lacks are left out. Dynamo's config is process-wide: ComfyUI runs one prompt at a
-# time, and the setting lasts only for the compiling call.
-COMPILE_CONFIG = {"recompile_limit": COMPILE_RECOMPILE_LIMIT, "fail_on_recompile_limit_hit": True,
-                  "suppress_errors": False}
-
-
-class CompileFailed(RuntimeError):
-    """torch.compile failed on the first run of a function (its cause is the error it raised)."""
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """How far an accelerated output is from the eager one."""
-
-    relative_l2: float
-    max_abs: float
-    tolerance: float = RELATIVE_L2_TOLERANCE
-
-    @property
-    def within_tolerance(self) -> bool:
-        return self.relative_l2 <= self.tolerance  # False for NaN too
-
-    def __str__(self) -> str:
-        verdict = "within" if self.within_tolerance else "OUTSIDE"
-        return f"rel L2 {self.relative_l2:.2e}, max |Δ| {self.max_abs:.2e} ({verdict} {self.tolerance:g})"
-
-
-def agreement(accelerated: torch.Tensor, eager: torch.Tensor, tolerance: float = RELATIVE_L2_TOLERANCE) -> Agreement:
-    """‖accelerated − eager‖₂ / ‖eager‖₂ and max |Δ|, in float64."""
-    if accelerated.shape != eager.shape:
-        raise ValueError(f"shapes differ: {tuple(accelerated.shape)} vs {tuple(eager.shape)}")
-    a, e = accelerated.detach().double().cpu(), eager.detach().double().cpu()
-    difference = a - e
-    reference = torch.linalg.vector_norm(e).item()
-    relative = torch.linalg.vector_norm(difference).item() / reference if reference > 0 else float("inf")
-    return Agreement(relative, difference.abs().max().item(), tolerance)
 
 
 def tensor_signature(value) -> tuple | None:
@@ -118,129 +48,6 @@ def cuda_graph_unavailable_reason(device: torch.device | str) -> str | None:
         return "a CUDA graph is already being captured on this stream"
     return None
 
-
-def compile_unavailable_reason(device: torch.device | str) -> str | None:
-    """Why torch.compile's GPU backend cannot run on `device`, or None when it can."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return f"torch.compile is used only on CUDA devices and this runs on {device.type}"
-    try:
-        import triton  # noqa: F401 — Inductor writes its GPU kernels in Triton
-    except ImportError:
-        return ("torch.compile's GPU kernels need Triton, which is not installed (pip install triton; "
-                "on Windows, triton-windows)")
-    return None
-
-
-def compile_for_one_shape(function: Callable[..., torch.Tensor], backend=COMPILE_BACKEND,
-                          options: dict | None = COMPILE_OPTIONS) -> Callable[..., torch.Tensor]:
-    """`function` compiled by torch.compile for the shapes it is first called with.
-
-    Compilation happens at that first call; graph breaks are allowed (fullgraph=False): the parts
-    Dynamo cannot trace run as Python between compiled pieces, and a CUDA graph records both.
-    """
-    compiled = torch.compile(function, backend=backend, dynamic=False, fullgraph=False,
-                             options=options if backend == "inductor" else None)
-    settings = {key: value for key, value in COMPILE_CONFIG.items() if hasattr(torch._dynamo.config, key)}
-
-    def call(*inputs):
-        with torch._dynamo.config.patch(**settings):
-            return compiled(*inputs)
-
-    return call
-
-
-# ------------------------------------------------------------------ what the compiler traces instead
-# Two of the VAE decoder's operations are slow as ComfyUI writes them once Inductor has laid the
-# activations out channels-last (bench/gpu_profile.py, bench/vae_kernels.py). The compiled decode
-# traces these equivalents instead; eager code is unchanged.
-
-def group_norm_by_channel_sums(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
-                               bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
-    """torch.nn.functional.group_norm, computed from per-channel sums over the positions.
-
-    Channels-last, a group's channels are interleaved with every pixel, and a reduction over the group
-    reads memory in short strided pieces; summing each channel over the positions reads whole rows of
-    contiguous channels instead, and the groups' totals are then a sum over a few numbers.
-    One pass, in float32, on x − s, s an estimate of each group's mean: its mean over the first line
-    of positions (the first image row). var = E[(x − s)²] − E[x − s]² then loses float32's 6e-8 times
-    1 + ((mean − s) / std)² of the variance to cancellation: next to nothing while the first row is
-    like the rest, where without the shift a mean far from zero relative to the spread would lose
-    every digit.
-    """
-    if x.ndim < 3:
-        raise ValueError("group_norm_by_channel_sums needs positions after (batch, channels); "
-                         f"got shape {tuple(x.shape)}")
-    batch, channels = x.shape[:2]
-    per_group = channels // num_groups
-    positions = tuple(range(2, x.ndim))
-    count = per_group * math.prod(x.shape[2:])
-    ones = (1,) * len(positions)
-
-    def per_channel(per_group_values):  # (batch, groups) → (batch, channels, 1, …) to broadcast
-        return per_group_values.repeat_interleave(per_group, dim=1).view((batch, channels) + ones)
-
-    def group_totals(per_channel_values):  # (batch, channels, …) summed over positions → (batch, groups)
-        return per_channel_values.sum(positions).view(batch, num_groups, per_group).sum(-1)
-
-    values = x.float()
-    first_line = values[(slice(None), slice(None)) + (0,) * (len(positions) - 1)]  # (batch, channels, last)
-    shift = first_line.reshape(batch, num_groups, -1).mean(-1)  # (batch, groups)
-    centred = values - per_channel(shift)
-    shifted_mean = group_totals(centred) / count
-    variance = (group_totals(centred * centred) / count - shifted_mean * shifted_mean).clamp_min(0)
-    normalised = (values - per_channel(shifted_mean + shift)) * per_channel(torch.rsqrt(variance + eps))
-    if weight is not None:
-        normalised = normalised * weight.float().view((1, channels) + ones)
-    if bias is not None:
-        normalised = normalised + bias.float().view((1, channels) + ones)
-    return normalised.to(x.dtype)
-
-
-# Below this many elements a GroupNorm input is left to torch's group_norm: Inductor's own reduction
-# is as fast there (H200, bench/vae_kernels.py: 0.92× at 512 channels × 128², 1.25× at × 256²,
-# 1.9–3.1× from 2**26 elements up, the VAE decoder's high-resolution stages).
-CHANNEL_SUMS_MIN_ELEMENTS = 2**24
-
-
-def group_norm_for_compiler(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
-                            bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
-    """group_norm as the compiled VAE decoder computes it: by channel sums where the input is large."""
-    if x.ndim < 3 or x.numel() < CHANNEL_SUMS_MIN_ELEMENTS:
-        return torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
-    return group_norm_by_channel_sums(x, num_groups, weight, bias, eps)
-
-
-# The most scores attention_by_matmuls makes at once: 2**28, 512 MiB in bf16 (and twice that again for
-# a float32 softmax, should Inductor not fuse it into one pass).
-MAX_ATTENTION_SCORES = 2**28
-
-
-def attention_by_matmuls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         max_scores: int = MAX_ATTENTION_SCORES) -> torch.Tensor:
-    """One-head attention over the positions of (batch, channels, H, W) maps, as the VAE's AttnBlock
-    does, written as QKᵀ, softmax and ·V: two matrix products and one fusable softmax.
-
-    The VAE's single head has 512 channels, more than the flash kernels take, so scaled_dot_product_
-    attention runs the memory-efficient kernel, slower than the two matrix products (bench/
-    vae_kernels.py). The queries are scaled first, so that fp16 scores cannot overflow where the
-    softmax's would not; the scores are rounded to the inputs' dtype, as ComfyUI's split attention
-    does, and the softmax runs in float32; the queries are taken in chunks so that no more than
-    `max_scores` scores exist at once.
-    """
-    batch, channels = q.shape[:2]
-    positions = math.prod(q.shape[2:])
-    queries = (q * channels ** -0.5).reshape(batch, channels, positions).transpose(1, 2)
-    keys = k.reshape(batch, channels, positions)
-    values = v.reshape(batch, channels, positions).transpose(1, 2)
-    chunk = max(1, min(positions, max_scores // (batch * positions)))
-    pieces = []
-    for start in range(0, positions, chunk):
-        scores = torch.bmm(queries[:, start:start + chunk], keys)
-        weights = torch.softmax(scores.float(), dim=-1).to(values.dtype)
-        pieces.append(torch.bmm(weights, values))
-    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-    return out.transpose(1, 2).reshape(q.shape)
 
 
 class WeightSnapshot:
@@ -309,8 +116,9 @@ class CapturedGraph:
                             raise
                 torch.cuda.current_stream().wait_stream(side)
                 self.graph = torch.cuda.CUDAGraph()
+                launches = kernel_launches_by_address() if self.compiled else contextlib.nullcontext()
                 # thread_local: another thread's CUDA calls (a server's) don't invalidate this capture.
-                with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                with launches, torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
                     self.static_output = function(*self.static_inputs)
         finally:
             torch.backends.cudnn.benchmark = benchmark
@@ -380,7 +188,14 @@ class GraphCache:
             if graph is None:
                 return None
         self.graphs.move_to_end(signature)
-        return graph(inputs)
+        try:
+            return graph(inputs)
+        except self.passthrough:
+            raise
+        except Exception as error:  # e.g. out of memory for a graph's allocations at its first replay
+            del self.graphs[signature]
+            self._give_up(signature, f"replay failed for {describe(signature)}", error)
+            return None
 
     def begin_run(self) -> None:
         """Within one run (a sampling run, a decode) weights don't move: check each graph's once per run."""
@@ -424,20 +239,32 @@ class GraphCache:
                 self.compile_backend = None  # the compiler itself failed: it would at every shape
                 self.say(f"{self.part}: torch.compile failed ({error}); capturing the eager kernels from now on")
             except Exception as error:
+                keep_failed_capture(error)
+                how = "for this shape"
+                if allocator_backend() == STREAM_ORDERED_ALLOCATOR:
+                    # It would fail the same way at every shape, each time after minutes of compiling.
+                    self.compile_backend = None
+                    how = (f"from now on (under the {STREAM_ORDERED_ALLOCATOR} allocator; start ComfyUI with "
+                           f"{NATIVE_ALLOCATOR_FLAG} for compiled graphs)")
                 self.say(f"{self.part}: the compiled kernels could not be captured for {describe(signature)} "
-                         f"({first_line(error)}); capturing the eager kernels for this shape")
+                         f"({first_line(error)}); capturing the eager kernels {how}")
             torch.cuda.synchronize()
         try:
             graph = CapturedGraph(function, inputs, module, self._pool, self.autotune)
         except self.passthrough:
             raise
         except Exception as error:  # an op that cannot be captured: this shape runs eagerly from now on
-            reason = first_line(error)
-            self.failures[signature] = reason
-            self.say(f"{self.part}: capture failed for {describe(signature)} ({reason}); running eager for this shape")
-            torch.cuda.synchronize()
+            self._give_up(signature, f"capture failed for {describe(signature)}", error)
             return None
         return self._keep(signature, graph)
+
+    def _give_up(self, signature, what: str, error: Exception) -> None:
+        """This shape runs eagerly from now on, and says why."""
+        keep_failed_capture(error)
+        reason = first_line(error)
+        self.failures[signature] = reason
+        self.say(f"{self.part}: {what} ({reason}); running eager for this shape")
+        torch.cuda.synchronize()
 
     def _keep(self, signature, graph: CapturedGraph) -> CapturedGraph:
         self.graphs[signature] = graph
@@ -458,6 +285,20 @@ class GraphCache:
         if message not in self._said:
             self._said.add(message)
             log.warning("FewStepAccelerate: %s", message)
+
+
+# Failed captures kept for the life of the process, under the cudaMallocAsync allocator. Memory that
+# allocator hands out during a capture belongs to the graph; freed outside a capture after the capture
+# failed, it makes cudaFreeAsync fail inside a tensor's deleter, where PyTorch can only terminate the
+# process. The error's traceback holds the frames, and so the tensors, of the failed capture: kept,
+# they are never freed. Their memory is address space the driver maps only if a graph runs, so a
+# failed capture costs next to no GPU memory.
+FAILED_CAPTURES_KEPT: list[BaseException] = []
+
+
+def keep_failed_capture(error: BaseException) -> None:
+    if allocator_backend() == STREAM_ORDERED_ALLOCATOR:
+        FAILED_CAPTURES_KEPT.append(error)
 
 
 def first_line(error: BaseException) -> str:
