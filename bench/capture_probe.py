@@ -8,8 +8,10 @@ Cases, each on a small convolution block compiled by Inductor:
   capture's memory (the exit code says).
 - `by_address`: FewStepAccelerate's CapturedGraph (fewstep.acceleration.graphs), which captures
   compiled kernels with their addresses; its output is compared with eager.
-- `failed_kept`: a capture made to fail on purpose (a host sync inside it) through GraphCache, which
-  keeps the failed capture; the process must go on and compute.
+- `failed_kept`: a function that waits on the GPU inside (a host sync, which no capture takes), through
+  GraphCache: refused in its warm-up, before any capture; the process must go on and compute.
+- `invalidated`: a raw capture broken off half-way by such a sync, the error kept as GraphCache keeps
+  failed captures: what PyTorch does with the capture's memory under each allocator.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import sys
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
-CASES = ("unpatched", "by_address", "failed_kept")
+CASES = ("unpatched", "by_address", "failed_kept", "invalidated")
 ALLOCATORS = ("native", "cudaMallocAsync")
 
 
@@ -57,11 +59,21 @@ def run_case(case: str) -> str:
         if case == "by_address":
             captured = graphs.CapturedGraph(module, [x], module, torch.cuda.graph_pool_handle(), True, "inductor")
             return f"captured; {agreement(captured([x]).clone(), eager)}"
-        cache = graphs.GraphCache("probe")
-
         def syncs_inside(value):
             hidden = module(value)
             return hidden * float(hidden.sum().item())  # a host sync: not capturable
+
+        if case == "invalidated":
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    syncs_inside(x)
+            except Exception as error:
+                graphs.FAILED_CAPTURES_KEPT.append(error)
+                outcome = f"capture failed: {graphs.first_line(error)}"
+            torch.cuda.synchronize()
+            return f"{outcome}; then eager {agreement(module(x), eager)}"
+        cache = graphs.GraphCache("probe")
 
         result = cache.run(("probe",), syncs_inside, [x], module)
         after = module(x)  # the process goes on computing
@@ -85,6 +97,8 @@ def main() -> int:
             run = subprocess.run([sys.executable, __file__, case], capture_output=True, text=True, env=env, timeout=600)
             results = [line[7:] for line in run.stdout.splitlines() if line.startswith("RESULT ")]
             tail = (run.stderr.strip().splitlines() or [""])[-1][:300]
+            if run.returncode != 0:
+                print(f"--- stderr of {allocator} {case} ---\n{run.stderr[-6000:]}", file=sys.stderr)
             print(f"{allocator:16} {case:12} exit {run.returncode:4}  {results[0] if results else 'no result'}"
                   f"{'' if run.returncode == 0 else f'  | stderr: {tail}'}", flush=True)
     return 0

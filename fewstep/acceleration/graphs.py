@@ -108,8 +108,10 @@ class CapturedGraph:
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
                     for run in range(WARMUP_RUNS):
+                        last = run == WARMUP_RUNS - 1
                         try:
-                            function(*self.static_inputs)
+                            with host_syncs_are_errors() if last else contextlib.nullcontext():
+                                function(*self.static_inputs)
                         except Exception as error:
                             if run == 0 and self.compiled:  # the first run is where torch.compile compiles
                                 raise CompileFailed(first_line(error)) from error
@@ -285,6 +287,23 @@ class GraphCache:
         if message not in self._said:
             self._said.add(message)
             log.warning("FewStepAccelerate: %s", message)
+
+
+@contextlib.contextmanager
+def host_syncs_are_errors():
+    """Within: an operation that waits for the GPU (.item(), .cpu(), nonzero, …) raises.
+
+    Such an operation cannot be captured, and a capture it breaks off half-way can take the process
+    down under the cudaMallocAsync allocator (the capture's memory is then freed on a stream whose
+    capture failed, inside a tensor's deleter). The last warm-up run checks for it, so such a
+    function is never captured at all.
+    """
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 # Failed captures kept for the life of the process, under the cudaMallocAsync allocator. Memory that
