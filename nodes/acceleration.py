@@ -223,10 +223,9 @@ class FewStepAccelerate(io.ComfyNode):
                 # Last and optional: workflows saved before it existed keep their widget values in place.
                 io.Boolean.Input("compile_kernels", default=True, optional=True, tooltip=(
                     "Compile the UNet and the VAE decoder with torch.compile (Triton kernels) before "
-                    "capturing them: on an H200 the UNet ran 1.3–1.7× and the VAE decode 2.5–3.8× faster, but the "
-                    "first run of each image size and batch takes about two minutes longer for SDXL (under "
-                    "one with Inductor's cache warm). Off: graphs of the eager kernels, captured in about a "
-                    "second. Without Triton it is skipped with a message.")),
+                    "capturing them: faster kernels (README, Speed), but the first run of each image size and "
+                    "batch waits for the compile, minutes for SDXL (less with Inductor's cache warm). Off: graphs "
+                    "of the eager kernels, captured in about a second. Without Triton it is skipped with a message.")),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model with its UNet calls replayed from CUDA graphs."),
