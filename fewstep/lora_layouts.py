@@ -40,7 +40,6 @@ class CanonicalLora:
     tensors: dict  # canonical key → tensor
     layout: str  # "kohya", "diffusers", "diffusers_legacy", "peft", "peft_base_model", "comfyui"
     unrecognized: list[str] = field(default_factory=list)  # keys that are no LoRA weight at all
-    has_text_encoder: bool = False
 
     @property
     def modules(self) -> set[str]:
@@ -154,8 +153,7 @@ def canonicalize(state_dict: dict) -> CanonicalLora:
                 unrecognized.append(key)
                 continue
         tensors[name + _CANONICAL_SUFFIX[role]] = tensor
-    has_text_encoder = any(k.startswith(("lora_te", "text_encoders.")) for k in tensors)
-    return CanonicalLora(tensors, layout, unrecognized, has_text_encoder)
+    return CanonicalLora(tensors, layout, unrecognized)
 
 
 def lora_base(state_dict: dict) -> str | None:

@@ -192,9 +192,6 @@ class DiscreteNoiseSchedule:
         """Nearest training timestep in log σ, as ComfyUI's ModelSamplingDiscrete.timestep does."""
         return int((math.log(float(sigma)) - self.log_sigmas).abs().argmin())
 
-    def alpha_cumprod(self, timestep: int) -> float:
-        return 1.0 / (1.0 + self.sigma(timestep) ** 2)
-
     def sigmas_for(self, timesteps: Sequence[int]) -> torch.Tensor:
         """ComfyUI SIGMAS for these timesteps: σ(t) each, then 0 for the clean end."""
         return torch.tensor([self.sigma(t) for t in timesteps] + [0.0], dtype=torch.float32)

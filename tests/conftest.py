@@ -33,6 +33,23 @@ import pytest  # noqa: E402
 from comfy_harness import COMFYUI_MISSING, COMFYUI_PATH, InProcessComfy, require_comfyui  # noqa: E402
 
 
+# Layers (pytest -m): "not integration and not browser" is the fast, ComfyUI-free suite of the pure layer.
+BROWSER_MODULES = {"test_browser"}
+# Modules that drive real ComfyUI (servers, installs, benchmarks) without asking for the fixtures below.
+INTEGRATION_MODULES = {"test_install", "test_manager_install", "test_bench", "test_soak", "test_robustness",
+                       "test_example_workflows", "test_tiny_models"}
+COMFYUI_FIXTURES = {"comfy", "comfy_server", "sd15", "sdxl", "server_sd15"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in BROWSER_MODULES:
+            item.add_marker(pytest.mark.browser)
+        elif module in INTEGRATION_MODULES or COMFYUI_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 def pytest_report_header(config):
     if COMFYUI_PATH is None:
         return f"!!! {COMFYUI_MISSING} !!!"

@@ -91,6 +91,12 @@ def test_pyproject_follows_the_registry_specification():
     assert comfy["PublisherId"].strip()
     assert comfy["DisplayName"] == "ComfyUI-FewStep"
     assert re.fullmatch(r"https://\S+\.(svg|png|jpe?g|gif)", comfy["Icon"]), "Icon: URL of an SVG, PNG, JPG or GIF"
+    # The URL names a file of this repository's main branch: that file must be shipped, and be an image.
+    icon = PACK_ROOT / comfy["Icon"].split("/main/", 1)[1]
+    from PIL import Image
+
+    with Image.open(icon) as image:
+        assert image.format == "PNG" and image.width == image.height >= 128
     assert isinstance(comfy.get("includes", []), list)
     assert all((PACK_ROOT / path).exists() for path in comfy.get("includes", []))
 

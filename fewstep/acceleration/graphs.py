@@ -128,7 +128,6 @@ class CapturedGraph:
             raise TypeError(f"captured function returned {type(self.static_output).__name__}, not a tensor")
         torch.cuda.current_stream().synchronize()
         self.capture_seconds = time.perf_counter() - started
-        self.replays = 0
 
     def __call__(self, inputs: Sequence[torch.Tensor | None]) -> torch.Tensor:
         """Replay on `inputs`; returns the static output itself: copy it before the next replay."""
@@ -136,7 +135,6 @@ class CapturedGraph:
             if static is not None:
                 static.copy_(value)
         self.graph.replay()
-        self.replays += 1
         return self.static_output
 
 
