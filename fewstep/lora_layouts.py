@@ -10,6 +10,8 @@ change: the tensors go to ComfyUI's own loader untouched.
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,21 +126,82 @@ def _canonical_module(module: str) -> str | None:
             path = path + ".0"  # the processor named the output projection without its index
         return "lora_unet_" + path.replace(".", "_")
     path = path.replace(".processor.", ".")
+    if not path.startswith("text_model."):
+        # PEFT's state dict of a transformers CLIPTextModel that has no text_model wrapper (as saved
+        # with transformers ≥ 5) starts at "encoder."; kohya's names and ComfyUI's start a level up.
+        path = "text_model." + path
     for old, new in _TEXT_PROCESSOR_NAMES.items():
         if path.endswith(old):
             path = path[: -len(old)] + new
     return f"lora_{component}_" + path.replace(".", "_")
 
 
-def canonicalize(state_dict: dict) -> CanonicalLora:
-    """Rename a LoRA's keys to the canonical layout; report keys that are no LoRA weight."""
+# diffusers' save_lora_weights / save_lora_adapter write the adapters' LoraConfig into the safetensors
+# header under this key, as JSON: each field prefixed by its component ("unet.lora_alpha",
+# "text_encoder.r", …) for a pipeline's save, unprefixed for one model's. diffusers' load_lora_weights
+# builds its LoraConfig from it, so a module's scale is that config's lora_alpha / r (alpha_pattern and
+# rank_pattern override per module; √r with use_rslora), not 1.
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
+
+
+def adapter_configs(metadata: dict) -> dict[str | None, dict]:
+    """The LoraConfig fields diffusers saved, by component (None: one model's, for every module)."""
+    raw = (metadata or {}).get(ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        fields = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    except (json.JSONDecodeError, TypeError, ValueError):
+        raise FewStepInputError(f"its '{ADAPTER_METADATA_KEY}' header is not valid JSON; the file may be damaged") from None
+    configs: dict[str | None, dict] = {}
+    for key, value in fields.items():
+        component, _, name = key.partition(".")
+        if component in _COMPONENTS and name:
+            configs.setdefault(component, {})[name] = value
+        else:
+            configs.setdefault(None, {})[key] = value
+    return configs
+
+
+def _pattern_value(patterns: dict, module_path: str):
+    """PEFT's get_pattern_key: the first pattern that matches the end of the module path."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module_path):
+            return value
+    return None
+
+
+def adapter_scale(config: dict, module_path: str) -> float | None:
+    """lora_alpha / r of `module_path` under a saved LoraConfig, as PEFT computes it; None if unsaid."""
+    if config.get("lora_alpha") is None or config.get("r") is None:
+        return None
+    rank = _pattern_value(config.get("rank_pattern"), module_path) or config["r"]
+    alpha = _pattern_value(config.get("alpha_pattern"), module_path) or config["lora_alpha"]
+    return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else float(rank))
+
+
+def _component_and_path(module: str) -> tuple[str | None, str]:
+    module = module.removeprefix("base_model.model.")
+    component, _, path = module.partition(".")
+    return (component, path) if component in _COMPONENTS and path else (None, module)
+
+
+def canonicalize(state_dict: dict, metadata: dict | None = None) -> CanonicalLora:
+    """Rename a LoRA's keys to the canonical layout; report keys that are no LoRA weight.
+
+    Where the file carries no kohya `.alpha` for a module but diffusers saved its LoraConfig in the
+    header (`metadata`), that module gets the `.alpha` giving the config's scale, as ComfyUI reads
+    alphas (scale = alpha / rank of the down weight).
+    """
     layout = detect_layout(state_dict.keys())
     if layout is None:
         raise FewStepInputError(
             "no LoRA weights found (no lora_down/lora_up, lora_A/lora_B or kohya keys): this file is "
             "not a LoRA. Load full models with a checkpoint or UNet loader instead."
         )
-    tensors, unrecognized = {}, []
+    tensors, unrecognized, scales = {}, [], {}
+    configs = adapter_configs(metadata)
     for key, tensor in state_dict.items():
         split = _split(key)
         if split is None:
@@ -153,7 +216,22 @@ def canonicalize(state_dict: dict) -> CanonicalLora:
                 unrecognized.append(key)
                 continue
         tensors[name + _CANONICAL_SUFFIX[role]] = tensor
+        if role == "down" and layout not in ("kohya", "comfyui"):
+            component, path = _component_and_path(module)
+            config = configs.get(component) or configs.get(None)
+            scale = adapter_scale(config, path) if config else None
+            if scale is not None:
+                scales[name] = (scale, tensor.shape[0])
+    for name, (scale, rank) in scales.items():
+        if name + ".alpha" not in tensors:
+            tensors[name + ".alpha"] = _scalar_like(tensors[name + ".lora_down.weight"], scale * rank)
     return CanonicalLora(tensors, layout, unrecognized)
+
+
+def _scalar_like(tensor, value: float):
+    import torch
+
+    return torch.tensor(value, dtype=torch.float32) if isinstance(tensor, torch.Tensor) else value
 
 
 def lora_base(state_dict: dict) -> str | None:

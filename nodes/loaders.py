@@ -98,7 +98,7 @@ class FewStepLoraLoader(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         try:
             tensors, metadata = read_safetensors(path)
-            canonical = canonicalize(tensors)
+            canonical = canonicalize(tensors, metadata)
         except FewStepInputError as error:
             raise _in_file("lora_name", lora_name, error) from None
 

@@ -91,3 +91,29 @@ def save(lora: dict, folder: Path, name: str, metadata: dict | None = None) -> s
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in lora.items()}, str(folder / name), metadata=metadata)
     return name
+
+
+def save_with_diffusers(tiny, folder: Path, name: str, rank: int, unet_alpha: float, text_alpha: float, seed: int,
+                        unet_alpha_pattern: dict | None = None) -> str:
+    """A LoRA saved by diffusers' own save_lora_weights with adapters whose lora_alpha is not their rank:
+    diffusers keeps each adapter's LoraConfig in the file's header (lora_adapter_metadata)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(str(tiny.diffusers_dir / "unet"))
+    unet_config = LoraConfig(r=rank, lora_alpha=unet_alpha, target_modules=ALL_TARGETS, init_lora_weights=False,
+                             alpha_pattern=unet_alpha_pattern or {})
+    unet.add_adapter(unet_config)
+    encoder = CLIPTextModel.from_pretrained(str(tiny.diffusers_dir / "text_encoder"))
+    text_config = LoraConfig(r=rank, lora_alpha=text_alpha, target_modules=TEXT_TARGETS, init_lora_weights=False)
+    encoder.add_adapter(text_config)
+    pipeline_class = StableDiffusionXLPipeline if tiny.base == "sdxl" else StableDiffusionPipeline
+    pipeline_class.save_lora_weights(
+        str(folder), weight_name=name, safe_serialization=True,
+        unet_lora_layers={k: v * 0.1 for k, v in get_peft_model_state_dict(unet).items()},
+        text_encoder_lora_layers={k: v * 0.1 for k, v in get_peft_model_state_dict(encoder).items()},
+        unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=text_config.to_dict())
+    return name

@@ -121,6 +121,35 @@ def test_layout_patches_like_diffusers(comfy, request, base, layout):
     assert settings.family is None  # a style LoRA: not reported as few-step
 
 
+@pytest.mark.parametrize("base", ["sd15", "sdxl"])
+def test_alpha_saved_by_diffusers_patches_like_diffusers(comfy, request, base):
+    """lora_alpha ≠ r, as diffusers' save_lora_weights keeps it (the lora_adapter_metadata header):
+    UNet at alpha 4 of rank 8 with one module family at 24, text encoder at 16. diffusers reads the
+    header; so must FewStep, or the LoRA lands at the wrong strength."""
+    from comfy import utils as comfy_utils
+
+    tiny = request.getfixturevalue(base)
+    folder = comfy.models_dir / "loras"
+    name = lora_factory.save_with_diffusers(tiny, folder, f"alpha_{base}.safetensors", rank=8, unet_alpha=4,
+                                            text_alpha=16, seed=13, unet_alpha_pattern={"ff.net.2": 24})
+    unet, text, _, _ = comfy_patched(comfy, tiny, name)
+    expected_unet, expected_text = diffusers_fused(tiny, folder, name)
+    base_unet = _comfy_checkpoint(comfy, tiny.checkpoint_name)[0].model.diffusion_model.state_dict()
+
+    ldm_config = tiny_models.SDXL_LDM_CONFIG if base == "sdxl" else tiny_models.SD15_LDM_CONFIG
+    diffusers_to_ldm = comfy_utils.unet_to_diffusers(ldm_config)
+    compared = {k: v for k, v in expected_unet.items() if k in diffusers_to_ldm}
+    worst = max(relative_error(unet[diffusers_to_ldm[k]], v) for k, v in compared.items())
+    assert worst < RELATIVE_TOLERANCE, f"UNet {worst:.2e}"
+    # Every module family was patched, the alpha_pattern one included.
+    changed = {k for k, v in compared.items() if not torch.equal(base_unet[diffusers_to_ldm[k]], v)}
+    assert any(".ff.net.2." in k for k in changed) and any(".attn1.to_q." in k for k in changed)
+    ours = {key: "clip_l.transformer." + (key if key.startswith("text_model.") else f"text_model.{key}")
+            for key in expected_text}
+    text_errors = [relative_error(text[ours[key]], value) for key, value in expected_text.items() if ours[key] in text]
+    assert text_errors and max(text_errors) < RELATIVE_TOLERANCE, f"text encoder {max(text_errors):.2e}"
+
+
 def test_lora_changes_the_weights(comfy, sd15):
     """Guard for the comparison above: the patched UNet differs from the unpatched one."""
     folder = comfy.models_dir / "loras"
