@@ -37,8 +37,8 @@ def block():
 def run_case(case: str) -> str:
     import torch
 
-    sys.path.insert(0, str(PACK_ROOT / "tests"))
-    import conftest  # noqa: F401 — registers the pack as `comfyui_fewstep`
+    sys.path.insert(0, str(PACK_ROOT / "testing"))
+    import pack  # noqa: F401 — registers the pack as `comfyui_fewstep`
     from comfyui_fewstep.fewstep.acceleration import agreement, graphs
 
     module, x = block()

@@ -10,9 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent.parent / "tests"
-sys.path.insert(0, str(TESTS))
-import conftest  # noqa: E402,F401 — registers the pack as the `comfyui_fewstep` package
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "testing"))
+import pack  # noqa: E402,F401 — registers the pack as the `comfyui_fewstep` package
 import tiny_models  # noqa: E402
 from comfy_harness import COMFYUI_MISSING, COMFYUI_PATH, InProcessComfy  # noqa: E402
 from diffusers_reference import DiffusersSide  # noqa: E402

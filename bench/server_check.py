@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PACK_ROOT / "tests"))
-import conftest  # noqa: E402,F401 — registers the pack as the `comfyui_fewstep` package
+sys.path.insert(0, str(PACK_ROOT / "testing"))
+import pack  # noqa: E402,F401 — registers the pack as the `comfyui_fewstep` package
 from comfy_harness import COMFYUI_MISSING, ComfyServer, PromptFailed, comfyui_on_path, find_comfyui  # noqa: E402
 
 from comfyui_fewstep.fewstep.workflow_api import ui_workflow_to_prompt  # noqa: E402

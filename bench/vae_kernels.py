@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import conftest  # noqa: E402,F401 — registers the pack as the `comfyui_fewstep` package
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "testing"))
+import pack  # noqa: E402,F401 — registers the pack as the `comfyui_fewstep` package
 
 from comfyui_fewstep.fewstep.acceleration import attention_by_matmuls, group_norm_by_channel_sums  # noqa: E402
 

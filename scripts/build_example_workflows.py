@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PACK_ROOT / "tests"))
-import conftest  # noqa: E402,F401 — registers the pack as the `comfyui_fewstep` package
+sys.path.insert(0, str(PACK_ROOT / "testing"))
+import pack  # noqa: E402,F401 — registers the pack as the `comfyui_fewstep` package
 from comfy_harness import COMFYUI_MISSING, ComfyServer, find_comfyui  # noqa: E402
 from comfyui_fewstep.fewstep.workflow_api import has_control_widget, inputs_in_order, is_widget  # noqa: E402
 

@@ -16,8 +16,17 @@ import pytest
 
 from comfy_harness import PACK_ROOT, require_comfyui
 
-sys.path.insert(0, str(PACK_ROOT / "bench"))
-import gpu_profile  # noqa: E402
+import trace_reading
+from interleaved_pairs import interleaved_pairs
+
+
+# bench/gpu.py's table as it reports it: its columns, the ablation column, the word for a skipped cell, and
+# the stages of a prompt.
+COLUMNS = ["diffusers eager", "ComfyUI native", "ComfyUI + FewStep", "ComfyUI + FewStep accelerated"]
+COMFYUI_COLUMNS = COLUMNS[1:]
+ABLATION = "accelerated, CUDA graphs only"
+SKIPPED = "skipped: over the time budget"
+STAGES = ["before sampling", "sampling", "to decode", "decode", "after decode"]
 
 
 def event(name, ts, dur, cat, tid=1, **args):
@@ -28,12 +37,12 @@ def test_stacks_at_rebuilds_the_nested_python_calls():
     calls = sorted([event("A", 0, 100, "python_function"), event("B", 10, 40, "python_function"),
                     event("C", 20, 10, "python_function"), event("D", 60, 30, "python_function")],
                    key=lambda e: (e["ts"], -e["dur"]))
-    stacks = [[e["name"] for e in stack] for stack in gpu_profile.stacks_at(calls, [5, 25, 55, 70, 95, 120])]
+    stacks = [[e["name"] for e in stack] for stack in trace_reading.stacks_at(calls, [5, 25, 55, 70, 95, 120])]
     assert stacks == [["A"], ["A", "B", "C"], ["A"], ["A", "D"], ["A"], []]
 
 
 def test_union_counts_overlaps_once():
-    assert gpu_profile.union_us([(0, 10), (5, 15), (20, 30), (22, 25)]) == 25
+    assert trace_reading.union_us([(0, 10), (5, 15), (20, 30), (22, 25)]) == 25
 
 
 @pytest.mark.parametrize("name, family", [
@@ -45,7 +54,7 @@ def test_union_counts_overlaps_once():
     ("fmha_cutlassF_bf16_aligned_32x128_gmem_sm80", "attention (SDPA)"),
 ])
 def test_kernel_families(name, family):
-    assert gpu_profile.kernel_family(name) == family
+    assert trace_reading.kernel_family(name) == family
 
 
 def test_read_trace_charges_idle_time_to_the_python_stack_and_times_each_graph(tmp_path):
@@ -65,7 +74,7 @@ def test_read_trace_charges_idle_time_to_the_python_stack_and_times_each_graph(t
     ]
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"traceEvents": events}))
-    summary = gpu_profile.read_trace(path)
+    summary = trace_reading.read_trace(path)
 
     assert summary["prompts"] == 1 and summary["wall_ms"] == pytest.approx(1.0)
     assert summary["gpu_busy_ms"] == pytest.approx(0.7) and summary["idle_ms"] == pytest.approx(0.3)
@@ -104,35 +113,27 @@ def test_gpu_bench_smoke_times_pairs_and_the_stages_of_each_prompt(tmp_path):
     report = (tmp_path / "results.md").read_text()
     assert "median of 2 interleaved pairs" in report
 
-    import gpu
-
-    for column in gpu.COLUMNS[1:]:
+    for column in COMFYUI_COLUMNS:
         cell = results[column]
         phases = cell["phases_ms"]
-        assert list(phases) == list(gpu.PHASES) and all(value >= 0 for value in phases.values()), (column, phases)
+        assert list(phases) == STAGES and all(value >= 0 for value in phases.values()), (column, phases)
         # one timed run (smoke): its stages are consecutive pieces of that run's e2e
         assert sum(phases.values()) == pytest.approx(cell["e2e_ms"], rel=1e-6), (column, phases, cell["e2e_ms"])
         assert phases["sampling"] >= cell["unet_ms"] and phases["decode"] == pytest.approx(cell["vae_ms"], rel=0.05)
         assert f"| {column} | {cell['e2e_ms']:.1f} | {phases['before sampling']:.1f} |" in report
 
 
-def test_paired_runs_alternate_the_order_and_divide_each_pair(monkeypatch):
-    """paired_native_fewstep with ComfyUI stood in for by a clock: native takes 100 ms, FewStep 90,
-    and the host slows by 10 ms a run."""
-    import gpu
-
+def test_paired_runs_alternate_the_order_and_divide_each_pair():
+    """interleaved_pairs (bench/gpu.py --paired) with ComfyUI stood in for by a clock: native takes
+    100 ms, FewStep 90, and the host slows by 10 ms a run."""
     order, times = [], []
 
-    class Clock:
-        def run(self, prompt):
-            route = "fewstep" if any(n["class_type"] == "FewStepSampler" for n in prompt.values()) else "native"
-            order.append(route)
-            times.append((100.0 if route == "native" else 90.0) + 10.0 * len(order))
-            return times[-1]
+    def clock(route, batch, seed):
+        order.append(route)
+        times.append((100.0 if route == "native" else 90.0) + 10.0 * len(order))
+        return times[-1]
 
-    monkeypatch.setattr(gpu, "comfy_prompt", lambda config, built, route, batch, seed: {
-        "s": {"class_type": "FewStepSampler" if route == "fewstep" else "KSampler"}})
-    paired = gpu.paired_native_fewstep(Clock(), gpu.CONFIGS[0], None, pairs=4)
+    paired = interleaved_pairs(clock, pairs=4, warm_seed=1, first_seed=500)
 
     # per batch: one warm-up run of each, then the pairs, native first in every other one
     assert order[:10] == ["native", "fewstep", "native", "fewstep", "fewstep", "native", "native", "fewstep",
@@ -154,12 +155,10 @@ def test_gpu_bench_reports_cells_skipped_for_the_time_budget_without_failing(tmp
                           "--ablation", "--paired", "2", "--budget-s", "0", "--out", str(tmp_path)],
                          env=environment, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    import gpu
-
     results = json.loads((tmp_path / "results.json").read_text())["results"]["turbo"]
-    for column in [*gpu.COLUMNS, gpu.ABLATION]:
-        assert results[column]["error"] == gpu.SKIPPED, column
-    assert results["paired"] == {"error": gpu.SKIPPED}
+    for column in [*COLUMNS, ABLATION]:
+        assert results[column]["error"] == SKIPPED, column
+    assert results["paired"] == {"error": SKIPPED}
     report = (tmp_path / "results.md").read_text()
-    assert report.count(f"| {gpu.SKIPPED} |") == len(gpu.COLUMNS) + 1 and "failed" not in report
-    assert f"pairs not measured ({gpu.SKIPPED})" in report
+    assert report.count(f"| {SKIPPED} |") == len(COLUMNS) + 1 and "failed" not in report
+    assert f"pairs not measured ({SKIPPED})" in report

@@ -13,16 +13,14 @@ from __future__ import annotations
 import asyncio
 import math
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from comfy_harness import PACK_ROOT, ComfyServer, require_comfyui
+from comfy_harness import ComfyServer, require_comfyui
 
-sys.path.insert(0, str(PACK_ROOT / "bench"))
-import soak  # noqa: E402 — the websocket client and the valid prompt the soak uses
+import soak_harness as soak  # the websocket client and the valid prompt the soak uses
 
 # Every node the pack ships; test_every_fewstep_node_is_covered fails when one is missing here.
 FEWSTEP_NODES = ["FewStepScheduler", "FewStepSampler", "FewStepLoraLoader", "FewStepUNetLoader", "FewStepKSampler",

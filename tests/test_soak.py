@@ -6,14 +6,12 @@ a decoded image or a LoRA copy kept per prompt). Smaller leaks need the full run
 """
 from __future__ import annotations
 
-import sys
 
 import pytest
 
-from comfy_harness import PACK_ROOT, require_comfyui
+from comfy_harness import require_comfyui
 
-sys.path.insert(0, str(PACK_ROOT / "bench"))
-import soak  # noqa: E402
+import soak_harness as soak
 
 PROMPTS = 36
 CLIENTS = 3

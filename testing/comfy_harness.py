@@ -17,9 +17,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import pytest
+from pack import PACK_ROOT
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
 PACK_FOLDER_NAME = "ComfyUI-FewStep"
 
 
@@ -45,7 +44,10 @@ COMFYUI_MISSING = (
 
 
 def require_comfyui() -> Path:
+    """ComfyUI's folder; in a test without ComfyUI, the test is skipped with COMFYUI_MISSING."""
     if COMFYUI_PATH is None:
+        import pytest
+
         pytest.skip(COMFYUI_MISSING)
     return COMFYUI_PATH
 
@@ -107,17 +109,18 @@ class InProcessComfy:
     One per test session: ComfyUI's module-level state (folder_paths, NODE_CLASS_MAPPINGS) is global.
     """
 
-    def __init__(self, comfyui_path: Path, base_directory: Path):
+    def __init__(self, comfyui_path: Path, base_directory: Path, cpu: bool = True, fp32_text_encoders: bool = True):
+        """`cpu`: ComfyUI's --cpu (else it picks CUDA where there is one). `fp32_text_encoders`:
+        ComfyUI stores text encoders in fp16 even on the CPU; the fp32 diffusers comparisons need fp32."""
         self.comfyui_path = comfyui_path
         self.base_directory = make_base_directory(base_directory)
         comfyui_on_path(comfyui_path)
         from comfy.cli_args import args
 
-        args.cpu = True  # before comfy.model_management is imported, or it picks CUDA
+        args.cpu = cpu  # before comfy.model_management is imported
         args.base_directory = str(self.base_directory)  # before folder_paths is imported
         args.disable_metadata = True
-        # ComfyUI stores text encoders in fp16 even on CPU; the fp32 diffusers comparisons need fp32.
-        args.fp32_text_enc = True
+        args.fp32_text_enc = fp32_text_encoders
         import utils.install_util  # noqa: F401 — before `nodes` puts comfy/ (and comfy/utils.py) first
         import execution
         import nodes

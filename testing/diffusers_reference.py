@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+import pack  # noqa: F401 — registers `comfyui_fewstep`
 from comfyui_fewstep.fewstep.families import FAMILIES, get_family
 from comfyui_fewstep.fewstep.schedules import reference_scheduler
 
