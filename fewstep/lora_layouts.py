@@ -16,6 +16,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .families import FewStepInputError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -224,14 +226,8 @@ def canonicalize(state_dict: dict, metadata: dict | None = None) -> CanonicalLor
                 scales[name] = (scale, tensor.shape[0])
     for name, (scale, rank) in scales.items():
         if name + ".alpha" not in tensors:
-            tensors[name + ".alpha"] = _scalar_like(tensors[name + ".lora_down.weight"], scale * rank)
+            tensors[name + ".alpha"] = torch.tensor(scale * rank, dtype=torch.float32)
     return CanonicalLora(tensors, layout, unrecognized)
-
-
-def _scalar_like(tensor, value: float):
-    import torch
-
-    return torch.tensor(value, dtype=torch.float32) if isinstance(tensor, torch.Tensor) else value
 
 
 def lora_base(state_dict: dict) -> str | None:

@@ -251,6 +251,10 @@ class ComfyServer:
             cwd=self.comfyui_path, stdout=self._log, stderr=subprocess.STDOUT,
             preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None,
         )
+        self.wait_until_serving(timeout)
+
+    def wait_until_serving(self, timeout: float = 180.0) -> None:
+        """Until the server answers HTTP (after a start or a restart); raises if it exits or times out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -17,7 +17,6 @@ import platform
 import re
 import subprocess
 import sys
-import time
 import tomllib
 import urllib.error
 import uuid
@@ -201,18 +200,6 @@ async def _run_manager_task(server: ComfyServer, task: dict, timeout: float) -> 
     raise AssertionError("the Manager's websocket closed before the task completed")
 
 
-def wait_until_serving(server: ComfyServer, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.process.poll() is None, f"ComfyUI exited; see {server.log_path}"
-        try:
-            server.get("/system_stats", timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)  # polling for the port to open; nothing to wait on instead
-    raise TimeoutError(f"ComfyUI did not come back within {timeout}s; see {server.log_path}")
-
-
 def restart_through_manager(server: ComfyServer) -> None:
     """GET /v2/manager/reboot: the Manager re-executes ComfyUI in place, so no answer comes back."""
     try:
@@ -223,7 +210,7 @@ def restart_through_manager(server: ComfyServer) -> None:
         pass  # the connection dropped when the process image was replaced
     else:
         raise AssertionError("the Manager answered the reboot request instead of restarting")
-    wait_until_serving(server)
+    server.wait_until_serving()
 
 
 def pack_node_ids(pack: Path) -> set[str]:

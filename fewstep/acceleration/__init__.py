@@ -36,6 +36,6 @@ from .graphs import (
 __all__ = [
     "COMPILE_BACKEND", "DEFAULT_MAX_SHAPES", "RELATIVE_L2_TOLERANCE", "Agreement", "CapturedGraph",
     "CompileFailed", "GraphCache", "WeightSnapshot", "agreement", "attention_by_matmuls",
-    "compile_for_one_shape", "compile_unavailable_reason", "compiled_capture_unavailable_reason", "cuda_graph_unavailable_reason",
-    "group_norm_by_channel_sums", "group_norm_for_compiler", "tensor_signature",
+    "compile_for_one_shape", "compile_unavailable_reason", "compiled_capture_unavailable_reason",
+    "cuda_graph_unavailable_reason", "group_norm_by_channel_sums", "group_norm_for_compiler", "tensor_signature",
 ]
