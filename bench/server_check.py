@@ -61,8 +61,7 @@ def install_models(model: str, base: Path, prompts: dict[str, dict]) -> list[str
         return sorted(set(placed))
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from gpu import build_full
+    from gpu_models import build_full  # bench/, this script's folder
 
     models = base / "models"
     built = build_full("sdxl", models, "cuda", torch.float16)
