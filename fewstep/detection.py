@@ -87,3 +87,16 @@ def detect_settings(file_name: str, metadata: dict | None = None) -> FewStepSett
         return found
     return FewStepSettings(None, source=file_name,
                            reason="neither its metadata nor its name marks it as a few-step model")
+
+
+# The loaders' family choice that means "read it from the file".
+DETECT = "detect"
+
+
+def resolve_settings(family_override: str, file_name: str, metadata: dict) -> FewStepSettings:
+    """A loader's settings: the family picked on it (at that family's reference), or what the file says."""
+    if family_override and family_override != DETECT:
+        family = get_family(family_override)
+        return FewStepSettings(family.name, family.default_steps, family.default_cfg, family.default_eta,
+                               file_name, "family chosen on the loader")
+    return detect_settings(file_name, metadata)

@@ -212,3 +212,23 @@ class FewStepSettings:
         if self.prediction_type != "epsilon":
             parts.append(f"{self.prediction_type} prediction")
         return f"{self.source}: {', '.join(parts)} ({self.reason})"
+
+
+# The eta inputs' value for "the reference": the loader's file's, else the family's own.
+ETA_FROM_FAMILY = -1.0
+
+
+def resolve_family(family: str, settings: FewStepSettings | None) -> Family:
+    """The family a sampler or scheduler runs: a connected loader's detected one, else the widget's."""
+    if settings is not None and settings.family is not None:
+        return get_family(settings.family)
+    return get_family(family)
+
+
+def resolve_eta(eta: float | None, settings: FewStepSettings | None, family: Family) -> float | None:
+    """The sampler's eta: the widget's, unless it asks for the reference (ETA_FROM_FAMILY): the file's, else the family's."""
+    if eta is not None and eta >= 0:
+        return eta
+    if settings is not None and settings.eta is not None and settings.family == family.name:
+        return settings.eta
+    return family.default_eta

@@ -14,13 +14,12 @@ import comfy.supported_models
 import folder_paths
 from comfy_api.latest import io
 
-from ..fewstep.detection import detect_settings
-from ..fewstep.families import FAMILY_NAMES, FewStepInputError, FewStepSettings, get_family
+from ..fewstep.detection import DETECT, resolve_settings
+from ..fewstep.families import FAMILY_NAMES, FewStepInputError, FewStepSettings
 from ..fewstep.lora_layouts import canonicalize, lora_base, read_safetensors
 from .types import FewStepSettingsType
 from .validation import check_numbers, validation_message
 
-DETECT = "detect"
 FEW_STEP_LORAS = "fewstep_loras"  # model_options entry: the few-step LoRAs already on this model
 log = logging.getLogger("ComfyUI-FewStep")
 
@@ -47,14 +46,6 @@ def settings_ui(settings: FewStepSettings, lines: list[str]) -> dict:
     """What the node shows after it runs: its report as text, and the settings for web/fewstep.js,
     which moves the connected samplers' widgets to the file's reference values."""
     return {"text": ("\n".join(lines),), "fewstep_settings": [dataclasses.asdict(settings)]}
-
-
-def resolve_settings(family_override: str, file_name: str, metadata: dict) -> FewStepSettings:
-    if family_override and family_override != DETECT:
-        family = get_family(family_override)
-        return FewStepSettings(family.name, family.default_steps, family.default_cfg, family.default_eta,
-                               file_name, "family chosen on the loader")
-    return detect_settings(file_name, metadata)
 
 
 class FewStepLoraLoader(io.ComfyNode):

@@ -13,7 +13,8 @@ import dataclasses
 import logging
 import sys
 
-from ..fewstep.families import FAMILIES, Family, FewStepInputError
+from ..fewstep.detection import DETECT, resolve_settings
+from ..fewstep.families import ETA_FROM_FAMILY, FAMILIES, Family, FewStepInputError
 from ..fewstep.lora_layouts import read_safetensors_metadata
 
 ROUTE = "/fewstep/families"
@@ -44,14 +45,15 @@ def families_payload() -> dict:
     return {
         "families": {name: family_defaults(family) for name, family in FAMILIES.items()},
         "loaders": {node: file_input for node, (file_input, _folder) in LOADER_FILES.items()},
+        # The inputs' values that mean "read it from the file" and "the reference eta".
+        "detect": DETECT,
+        "eta_from_family": ETA_FROM_FAMILY,
     }
 
 
-def detected_settings(node: str, file_name: str, family: str = "detect") -> dict:
-    """What `node` will detect in `file_name` (loaders.resolve_settings, as its execute() calls it)."""
+def detected_settings(node: str, file_name: str, family: str = DETECT) -> dict:
+    """What `node` will detect in `file_name` (resolve_settings, as the loader's execute() calls it)."""
     import folder_paths
-
-    from .loaders import resolve_settings
 
     if node not in LOADER_FILES:
         raise FewStepInputError(f"node: '{node}' is not a FewStep loader ({', '.join(LOADER_FILES)}).")

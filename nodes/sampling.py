@@ -10,7 +10,15 @@ from comfy.k_diffusion.sampling import default_noise_sampler
 from comfy_api.latest import io
 
 from ..fewstep import update_rules
-from ..fewstep.families import FAMILY_NAMES, Family, FewStepInputError, FewStepSettings, get_family
+from ..fewstep.families import (
+    ETA_FROM_FAMILY,
+    FAMILY_NAMES,
+    Family,
+    FewStepInputError,
+    get_family,
+    resolve_eta,
+    resolve_family,
+)
 from ..fewstep.schedules import (
     LCM_ORIGINAL_INFERENCE_STEPS,
     DiscreteNoiseSchedule,
@@ -19,8 +27,6 @@ from ..fewstep.schedules import (
 )
 from .types import FewStepSettingsType
 from .validation import check_numbers, validation_message
-
-ETA_FROM_FAMILY = -1.0
 
 FAMILY_TOOLTIP = (
     "The few-step family the model was distilled as; it fixes timesteps and update rule. "
@@ -38,12 +44,6 @@ def family_input() -> io.Combo.Input:
 
 def settings_input() -> io.Input:
     return FewStepSettingsType.Input("settings", optional=True, tooltip=SETTINGS_TOOLTIP)
-
-
-def resolve_family(family: str, settings: FewStepSettings | None) -> Family:
-    if settings is not None and settings.family is not None:
-        return get_family(settings.family)
-    return get_family(family)
 
 
 def noise_schedule_of(model_sampling) -> DiscreteNoiseSchedule:
@@ -80,15 +80,6 @@ def check_schedule(family, steps, denoise, timesteps, original_inference_steps) 
             family, steps, denoise, parse_timesteps(timesteps or ""),
             original_inference_steps or LCM_ORIGINAL_INFERENCE_STEPS,
         )
-
-
-def resolve_eta(eta: float | None, settings: FewStepSettings | None, family: Family) -> float | None:
-    """The sampler's eta: the widget's, unless it asks for the reference (-1): the file's, else the family's."""
-    if eta is not None and eta >= 0:
-        return eta
-    if settings is not None and settings.eta is not None and settings.family == family.name:
-        return settings.eta
-    return family.default_eta
 
 
 def eta_input() -> io.Float.Input:
@@ -161,27 +152,26 @@ class FewStepScheduler(io.ComfyNode):
         return io.NodeOutput(schedule_sigmas(model, chosen, steps, denoise, timesteps, original_inference_steps))
 
 
-class FewStepKSAMPLER(comfy.samplers.KSAMPLER):
-    """ComfyUI's KSAMPLER with the family's initial-noise rule.
+class FamilySampler(comfy.samplers.KSAMPLER):
+    """ComfyUI's KSAMPLER running the family's update rule, with the family's initial-noise rule.
 
-    KSAMPLER scales the first noise by sqrt(1 + σ₀²) only when σ₀ is the model's σ_max; the families'
-    pipelines decide by text-to-image vs img2img instead (update_rules.starts_from_unit_variance).
+    KSAMPLER scales the first noise by sqrt(1 + σ₀²) where max_denoise() says so, by default only when
+    σ₀ is the model's σ_max; the families' pipelines decide by text-to-image vs img2img instead
+    (update_rules.starts_from_unit_variance), which only sample() sees (its latent_image). So each
+    sampling run is handed to a KSAMPLER whose max_denoise gives that run's answer.
     """
 
     def __init__(self, family: Family, eta: float | None):
         self.family = family
-        self._unit_variance = False
         super().__init__(self._sample_function, extra_options={"eta": eta})
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
                denoise_mask=None, disable_pbar=False):
         empty = noise.new_zeros(()) if latent_image is None else latent_image
-        self._unit_variance = update_rules.starts_from_unit_variance(self.family.initial_noise, empty)
-        return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image,
-                              denoise_mask, disable_pbar)
-
-    def max_denoise(self, model_wrap, sigmas):
-        return self._unit_variance
+        unit_variance = update_rules.starts_from_unit_variance(self.family.initial_noise, empty)
+        run = comfy.samplers.KSAMPLER(self.sampler_function, self.extra_options, self.inpaint_options)
+        run.max_denoise = lambda model_wrap, sigmas: unit_variance
+        return run.sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
     def _sample_function(self, model, x, sigmas, extra_args=None, callback=None, disable=None, eta=None):
         extra_args = {} if extra_args is None else extra_args
@@ -231,7 +221,7 @@ class FewStepSampler(io.ComfyNode):
     def execute(cls, family, eta=ETA_FROM_FAMILY, settings=None) -> io.NodeOutput:
         check_numbers(cls, eta=eta)
         chosen = resolve_family(family, settings)
-        return io.NodeOutput(FewStepKSAMPLER(chosen, resolve_eta(eta, settings, chosen)))
+        return io.NodeOutput(FamilySampler(chosen, resolve_eta(eta, settings, chosen)))
 
 
 class FewStepKSampler(io.ComfyNode):
@@ -296,7 +286,7 @@ class FewStepKSampler(io.ComfyNode):
         check_numbers(cls, seed=seed, steps=steps, cfg=cfg, denoise=denoise, eta=eta)
         chosen = resolve_family(family, settings)
         sigmas = schedule_sigmas(model, chosen, steps, denoise)
-        sampler = FewStepKSAMPLER(chosen, resolve_eta(eta, settings, chosen))
+        sampler = FamilySampler(chosen, resolve_eta(eta, settings, chosen))
         sampled = SamplerCustom.execute(model, True, seed, cfg, positive, negative, sampler, sigmas, latent_image)
         return io.NodeOutput(sampled[0])
 

@@ -16,13 +16,13 @@ const DETECT_ROUTE = "/fewstep/detect";
 export const HAND_SET_PROPERTY = "fewstep_hand_set";
 const FOLLOWING_WIDGETS = ["steps", "cfg", "eta"];
 const SETTINGS_TYPE = "FEWSTEP_SETTINGS";
-const DETECT = "detect"; // FewStepLoraLoader's "read the family from the file"
-const ETA_FROM_FAMILY = -1; // the eta inputs' "use the family's reference" (nodes/sampling.py)
 // ComfyUI's own nodes whose cfg follows the FewStep sampler feeding their `sampler` input.
 const CFG_FOLLOWERS = new Set(["SamplerCustom"]);
 
 let families = null;
 let loaderFiles = {}; // loader node type → the widget naming its file (nodes/routes.py LOADER_FILES)
+let DETECT = null; // the loaders' family value "read the family from the file" (fewstep/detection.py)
+let ETA_FROM_FAMILY = null; // the eta inputs' "use the reference" (fewstep/families.py)
 const familiesReady = api
   .fetchApi(FAMILIES_ROUTE)
   .then((response) => {
@@ -32,6 +32,8 @@ const familiesReady = api
   .then((payload) => {
     families = payload.families;
     loaderFiles = payload.loaders ?? {};
+    DETECT = payload.detect;
+    ETA_FROM_FAMILY = payload.eta_from_family;
     return families;
   })
   .catch((error) => {
