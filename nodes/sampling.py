@@ -32,6 +32,12 @@ FAMILY_TOOLTIP = (
     "The few-step family the model was distilled as; it fixes timesteps and update rule. "
     + "; ".join(f"{name}: {get_family(name).reference}" for name in FAMILY_NAMES)
 )
+# Per-family facts in tooltips, read from fewstep/families.py.
+STEPS_TOOLTIP = "Sampling steps. The cards: " + ", ".join(
+    f"{name} {get_family(name).default_steps}" for name in FAMILY_NAMES) + "."
+WITHOUT_GUIDANCE = ", ".join(name for name in FAMILY_NAMES if get_family(name).default_cfg == 1.0)
+ETA_REFERENCES = ", ".join(f"{get_family(name).default_eta:g} for {name}" for name in FAMILY_NAMES
+                           if get_family(name).default_eta is not None)
 SETTINGS_TOOLTIP = (
     "Settings a FewStep loader detected from the LoRA/UNet file; when connected, its family "
     "replaces the family widget."
@@ -85,10 +91,8 @@ def check_schedule(family, steps, denoise, timesteps, original_inference_steps) 
 def eta_input() -> io.Float.Input:
     return io.Float.Input(
         "eta", default=ETA_FROM_FAMILY, min=-1.0, max=1.0, step=0.05, optional=True,
-        tooltip=(
-            "TCD's gamma (stochasticity); -1 uses the family's reference: 0.3 for tcd, "
-            "1.0 for hyper_sd_1step. Other families ignore it."
-        ),
+        tooltip=(f"TCD's gamma (stochasticity); -1 uses the family's reference: {ETA_REFERENCES}. "
+                 "Other families ignore it."),
     )
 
 
@@ -108,7 +112,7 @@ class FewStepScheduler(io.ComfyNode):
                 family_input(),
                 io.Int.Input(
                     "steps", default=4, min=1, max=50,
-                    tooltip="Sampling steps. The cards: LCM/TCD/DMD2/Lightning 4, Turbo 1, Hyper-SD 1–8.",
+                    tooltip=STEPS_TOOLTIP,
                 ),
                 io.Float.Input(
                     "denoise", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -128,7 +132,7 @@ class FewStepScheduler(io.ComfyNode):
                 io.Int.Input(
                     "original_inference_steps", default=LCM_ORIGINAL_INFERENCE_STEPS, min=1, max=1000,
                     optional=True,
-                    tooltip="LCM/TCD only: the distillation grid the steps are picked from (reference 50).",
+                    tooltip=f"LCM/TCD only: the distillation grid the steps are picked from (reference {LCM_ORIGINAL_INFERENCE_STEPS}).",
                 ),
                 settings_input(),
             ],
@@ -242,23 +246,22 @@ class FewStepKSampler(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="The prompt's conditioning."),
                 io.Conditioning.Input(
                     "negative",
-                    tooltip="Used only when cfg > 1. At the cards' cfg 1 (turbo, lightning, hyper_sd, dmd2, tcd) it has no effect.",
+                    tooltip=f"Used only when cfg > 1. At the cards' cfg 1 ({WITHOUT_GUIDANCE}) it has no effect.",
                 ),
                 io.Latent.Input(
                     "latent_image",
-                    tooltip="An Empty Latent Image for text-to-image (turbo: 512², the rest: the base model's size), or an encoded image with denoise < 1.",
+                    tooltip="An Empty Latent Image for text-to-image, at the size the model card uses, or an encoded image with denoise < 1.",
                 ),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the initial and per-step noise, drawn as ComfyUI's SamplerCustom draws it."),
                 family_input(),
                 io.Int.Input("steps", default=4, min=1, max=50,
-                             tooltip="Sampling steps. The cards: LCM/TCD/DMD2/Lightning 4, Turbo 1, Hyper-SD 1–8."),
+                             tooltip=STEPS_TOOLTIP),
                 io.Float.Input(
                     "cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                     tooltip=(
                         "Classifier-free guidance. The cards use 1.0 (no guidance: the negative prompt has no "
-                        "effect) for turbo, lightning, hyper_sd, tcd and dmd2; LCM-LoRA takes 1–2, Hyper-SD's "
-                        "CFG LoRAs 5–8."
+                        f"effect) for {WITHOUT_GUIDANCE}; LCM-LoRA takes 1–2, Hyper-SD's CFG LoRAs 5–8."
                     ),
                 ),
                 io.Float.Input(
