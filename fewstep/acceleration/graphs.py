@@ -70,8 +70,8 @@ class WeightSnapshot:
 
     def unchanged(self) -> bool:
         # Checked before every replay, with the GPU idle: map() over C-level callables reads the
-        # 1,680 tensors of an SDXL UNet in a quarter less time than a Python loop (0.28 against 0.38
-        # ms on a 2-core CI machine); data_ptr() itself is most of what is left.
+        # 1,680 tensors of an SDXL UNet faster than a Python loop; data_ptr() itself is most of what
+        # is left.
         try:
             return list(map(torch.Tensor.data_ptr, map(dict.get, self.slots, self.names))) == self.addresses
         except TypeError:  # a slot emptied (None) or holding something that is not a tensor
