@@ -5,10 +5,13 @@ sampler, loaders and frontend all read from here.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
-# How the sampler turns the model's x0 prediction into the next latent (see update_rules.py).
+# How the sampler turns the model's x0 prediction into the next latent (see update_rules.py). The
+# flow-matching families use "euler": with ComfyUI's x0 = x − σ·v, Euler's x + (σ_next − σ)·(x − x0)/σ is
+# FlowMatchEulerDiscreteScheduler.step's x + (σ_next − σ)·v.
 UpdateRule = Literal["euler", "euler_ancestral", "ddim", "lcm", "tcd"]
 
 # How the first latent is made from noise when sampling from an empty latent:
@@ -23,13 +26,15 @@ InitialNoise = Literal["unit_variance", "sigma"]
 class Family:
     name: str
     display_name: str
-    # The diffusers scheduler class the model cards use, and what they change in SD/SDXL's config.
+    # The diffusers scheduler class the model cards use, and what they change in SD/SDXL's config
+    # (flow families: the whole scheduler config the card's pipeline loads).
     scheduler_class: str
     scheduler_overrides: Mapping[str, object]
     # "lcm": the scheduler's own set_timesteps(steps, strength=denoise) (LCM img2img pipeline).
     # "trailing": the scheduler's full schedule for `steps`, of which img2img runs the last
     #             int(steps · denoise) steps (diffusers' img2img get_timesteps).
-    timestep_rule: Literal["lcm", "trailing"]
+    # "flow": σ from FlowMatchEulerDiscreteScheduler as `flow` says (fewstep/flow_schedules.py).
+    timestep_rule: Literal["lcm", "trailing", "flow"]
     update_rule: UpdateRule
     initial_noise: InitialNoise
     default_steps: int
@@ -41,6 +46,26 @@ class Family:
     default_eta: float | None = None
     # Step counts the family was distilled for (the one the card names first is the default).
     only_steps: tuple[int, ...] | None = None
+    # Flow-matching families only: how their pipeline builds σ (None for the SD1.5/SDXL families).
+    flow: "FlowSampling | None" = None
+
+
+@dataclass(frozen=True)
+class FlowSampling:
+    """How a flow-matching family's diffusers pipeline sets up FlowMatchEulerDiscreteScheduler."""
+
+    # ComfyUI's model config classes (comfy.supported_models) of the base the family runs on.
+    architectures: tuple[str, ...]
+    # "linspace": the pipeline passes sigmas=np.linspace(1, 1/steps, steps) to set_timesteps
+    #             (FluxPipeline, QwenImagePipeline, ZImagePipeline);
+    # "scheduler": set_timesteps(steps) spaces the scheduler's own σ range (StableDiffusion3Pipeline).
+    sigma_rule: Literal["linspace", "scheduler"]
+    # Step counts the cards publish; the parity tests run each.
+    published_steps: tuple[int, ...]
+    # The guidance-embedding value of guidance-distilled bases (FLUX.1-dev: FluxGuidance), else None.
+    guidance: float | None = None
+    # The LoRA scale the card fuses with (pipe.fuse_lora(lora_scale=…)); None for full models.
+    lora_scale: float | None = None
 
 
 # SD 1.5 and SDXL ship the same training noise schedule; the cards build their schedulers from it.
@@ -165,6 +190,87 @@ FAMILIES: dict[str, Family] = {
         ),
     )
 }
+
+# FlowMatchEulerDiscreteScheduler configs, as the base models' repositories ship them
+# (scheduler/scheduler_config.json) or the distillation cards set them.
+FLUX_SCHNELL_SCHEDULER: Mapping[str, object] = {  # black-forest-labs/FLUX.1-schnell
+    "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False,
+    "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+}
+FLUX_DEV_SCHEDULER: Mapping[str, object] = {  # black-forest-labs/FLUX.1-dev: shift by image token count
+    "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
+    "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+}
+SD35_SCHEDULER: Mapping[str, object] = {  # stabilityai/stable-diffusion-3.5-large(-turbo)
+    "num_train_timesteps": 1000, "shift": 3.0,
+}
+# ModelTC/Qwen-Image-Lightning generate_with_diffusers.py: "We use shift=3 in distillation" — dynamic
+# shifting with base_shift = max_shift = ln 3 gives exp(μ) = 3 at every resolution.
+QWEN_IMAGE_LIGHTNING_SCHEDULER: Mapping[str, object] = {
+    "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "time_shift_type": "exponential",
+    "base_shift": math.log(3), "max_shift": math.log(3), "base_image_seq_len": 256, "max_image_seq_len": 8192,
+    "shift_terminal": None, "invert_sigmas": False, "stochastic_sampling": False,
+    "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+}
+Z_IMAGE_TURBO_SCHEDULER: Mapping[str, object] = {  # Tongyi-MAI/Z-Image-Turbo (ComfyUI's ZImage: shift 3.0 too)
+    "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False,
+}
+
+
+def _flow_family(name: str, display_name: str, scheduler_config: Mapping[str, object], flow: FlowSampling,
+                 reference: str) -> Family:
+    """A flow-matching family: Euler on the velocity (FlowMatchEulerDiscreteScheduler.step), started from
+    σ₀·noise + (1 − σ₀)·image (its scale_noise; σ₀ = 1 for text-to-image), no CFG at the cards' settings."""
+    return Family(
+        name=name, display_name=display_name, scheduler_class="FlowMatchEulerDiscreteScheduler",
+        scheduler_overrides=scheduler_config, timestep_rule="flow", update_rule="euler", initial_noise="sigma",
+        default_steps=flow.published_steps[0], default_cfg=1.0, reference=reference, flow=flow,
+    )
+
+
+FAMILIES.update({
+    f.name: f
+    for f in (
+        _flow_family(
+            "flux_schnell", "FLUX.1-schnell", FLUX_SCHNELL_SCHEDULER,
+            FlowSampling(architectures=("FluxSchnell",), sigma_rule="linspace", published_steps=(4, 1, 2, 3)),
+            "black-forest-labs/FLUX.1-schnell: FluxPipeline, 1–4 steps (card: 4), guidance_scale 0, "
+            "max_sequence_length 256; shift 1.0, no dynamic shifting",
+        ),
+        _flow_family(
+            "sd35_large_turbo", "SD3.5 Large Turbo", SD35_SCHEDULER,
+            FlowSampling(architectures=("SD3",), sigma_rule="scheduler", published_steps=(4,)),
+            "stabilityai/stable-diffusion-3.5-large-turbo: StableDiffusion3Pipeline, 4 steps, guidance_scale 0; shift 3.0",
+        ),
+        _flow_family(
+            "qwen_image_lightning", "Qwen-Image-Lightning (4/8-step LoRA)", QWEN_IMAGE_LIGHTNING_SCHEDULER,
+            FlowSampling(architectures=("QwenImage",), sigma_rule="linspace", published_steps=(8, 4), lora_scale=1.0),
+            "lightx2v/Qwen-Image-Lightning: QwenImagePipeline, 8 or 4 steps, true_cfg_scale 1; the distillation "
+            "scheduler (dynamic shift, base_shift = max_shift = ln 3, exponential, no shift_terminal)",
+        ),
+        _flow_family(
+            "flux_turbo_alpha", "FLUX.1-Turbo-Alpha (8-step LoRA)", FLUX_DEV_SCHEDULER,
+            FlowSampling(architectures=("Flux",), sigma_rule="linspace", published_steps=(8,), guidance=3.5,
+                         lora_scale=1.0),
+            "alimama-creative/FLUX.1-Turbo-Alpha: FluxPipeline on FLUX.1-dev, 8 steps, guidance_scale 3.5 "
+            "(distilled guidance), lora_scale 1; FLUX.1-dev's dynamic shift (base 0.5, max 1.15 by image tokens)",
+        ),
+        _flow_family(
+            "hyper_flux", "Hyper-FLUX.1-dev (8/16-step LoRA)", FLUX_DEV_SCHEDULER,
+            FlowSampling(architectures=("Flux",), sigma_rule="linspace", published_steps=(8, 16), guidance=3.5,
+                         lora_scale=0.125),
+            "ByteDance/Hyper-SD Hyper-FLUX.1-dev-8steps/16steps-lora: FluxPipeline on FLUX.1-dev, "
+            "fuse_lora(lora_scale=0.125), 8 or 16 steps, guidance_scale 3.5; FLUX.1-dev's dynamic shift",
+        ),
+        _flow_family(
+            "z_image_turbo", "Z-Image-Turbo", Z_IMAGE_TURBO_SCHEDULER,
+            # The card's 9 steps are 9 transformer calls in diffusers 0.42's ZImagePipeline, which passes
+            # sigmas linspace(1, 1/9, 9) (get_default_z_image_sigmas) like FluxPipeline.
+            FlowSampling(architectures=("ZImage",), sigma_rule="linspace", published_steps=(9,)),
+            "Tongyi-MAI/Z-Image-Turbo: ZImagePipeline, num_inference_steps 9, guidance_scale 0; shift 3.0",
+        ),
+    )
+})
 
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
 

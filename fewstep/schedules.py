@@ -103,6 +103,11 @@ def reference_timesteps(
     given: it sets its own start, so it takes no denoise (start the list lower for img2img).
     """
     family = get_family(family_name)
+    if family.flow is not None:
+        raise FewStepInputError(
+            f"family: {family.name} is a flow-matching family; its σ depend on the image size and come from "
+            "fewstep.flow_schedules.flow_sigmas, not from SD's 1000 training timesteps."
+        )
     if timesteps is not None:
         timesteps = [int(t) for t in timesteps]
         _check_timesteps(timesteps)

@@ -24,7 +24,8 @@ ACCEPTANCE_GRID = [
     for name, family in FAMILIES.items()
     for steps in (1, 2, 4, 8)
     for denoise in (1.0, 0.5)
-    if steps * denoise >= 1 and (family.only_steps is None or steps in family.only_steps)
+    if family.flow is None  # the flow-matching families' grid is in flow_reference.py
+    and steps * denoise >= 1 and (family.only_steps is None or steps in family.only_steps)
 ]
 
 EpsilonFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model input, t) → ε
