@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .families import FewStepSettings, get_family
+from .families import FAMILIES, Family, FewStepInputError, FewStepSettings, get_family
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,14 @@ class NameRule:
 
 
 NAME_RULES = [
+    # Flow-matching releases first: their names contain "turbo" and "lightning" too.
+    NameRule(r"hyper_flux_?1?_dev_(?P<steps>\d+)steps?", "hyper_flux", "Hyper-SD card: LoRA scale 0.125, guidance 3.5"),
+    NameRule(r"flux_?1?_turbo_alpha", "flux_turbo_alpha", "FLUX.1-Turbo-Alpha card: 8 steps, guidance 3.5"),
+    NameRule(r"flux_?1?_schnell", "flux_schnell", "FLUX.1-schnell card: 4 steps"),
+    NameRule(r"qwen_image(_edit(_\d+)?)?_lightning_(?P<steps>\d+)steps?", "qwen_image_lightning",
+             "Qwen-Image-Lightning card: shift 3"),
+    NameRule(r"sd3_?5_large_turbo", "sd35_large_turbo", "SD3.5 Large Turbo card: 4 steps"),
+    NameRule(r"z_image_turbo", "z_image_turbo", "Z-Image-Turbo card: 9 steps"),
     NameRule(r"lcm_lora|lcm_sdxl|lcm_sd(v1_5|15)|latent_consistency", "lcm", "LCM-LoRA card: 4 steps, guidance 1"),
     NameRule(r"sdxl_lightning_(?P<steps>\d+)step", "lightning", "SDXL-Lightning card"),
     NameRule(r"hyper_sdxl_1step_unet", "hyper_sd_1step_unet", "Hyper-SD card: LCM at t=800"),
@@ -100,3 +108,32 @@ def resolve_settings(family_override: str, file_name: str, metadata: dict) -> Fe
         return FewStepSettings(family.name, family.default_steps, family.default_cfg, family.default_eta,
                                file_name, "family chosen on the loader")
     return detect_settings(file_name, metadata)
+
+
+def families_for_architecture(architecture: str) -> list[str]:
+    """The flow-matching families whose base is this ComfyUI model config class (e.g. 'FluxSchnell')."""
+    return [f.name for f in FAMILIES.values() if f.flow is not None and architecture in f.flow.architectures]
+
+
+def check_family_fits_model(family: Family, architecture: str, flow_model: bool) -> None:
+    """Raise FewStepInputError when `family` was distilled from another base than the model's.
+
+    `architecture` is ComfyUI's model config class name (comfy.supported_models), `flow_model` whether
+    the model samples flow-matching (model_sampling CONST) rather than SD's discrete DDPM schedule.
+    """
+    fitting = families_for_architecture(architecture)
+    suggestion = (f"set family to {' or '.join(fitting)}" if fitting
+                  else "FewStep has no flow-matching family for this base yet")
+    if family.flow is None:
+        if flow_model:
+            raise FewStepInputError(
+                f"family: {family.name} is an SD1.5/SDXL family, but the model is a flow-matching {architecture} "
+                f"model; {suggestion}."
+            )
+        return
+    if architecture not in family.flow.architectures:
+        bases = ", ".join(family.flow.architectures)
+        raise FewStepInputError(
+            f"family: {family.name} ({family.display_name}) runs on {bases} models, but the model is "
+            f"{architecture}; {suggestion}, or load the model the card names."
+        )

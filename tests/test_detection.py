@@ -52,3 +52,38 @@ def test_metadata_wins_over_a_renamed_file():
     settings = detect_settings("my_favourite.safetensors", {"ss_output_name": "sdxl_lightning_8step_lora"})
     assert (settings.family, settings.steps) == ("lightning", 8)
     assert "metadata ss_output_name" in settings.reason
+
+
+FLOW_PUBLISHED = [
+    # (file name as released, family, steps)
+    ("flux1-schnell.safetensors", "flux_schnell", 4),
+    ("FLUX.1-schnell.safetensors", "flux_schnell", 4),
+    ("sd3.5_large_turbo.safetensors", "sd35_large_turbo", 4),
+    ("Qwen-Image-Lightning-8steps-V1.0.safetensors", "qwen_image_lightning", 8),
+    ("Qwen-Image-Lightning-4steps-V1.0-bf16.safetensors", "qwen_image_lightning", 4),
+    ("Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors", "qwen_image_lightning", 4),
+    ("Hyper-FLUX.1-dev-8steps-lora.safetensors", "hyper_flux", 8),
+    ("Hyper-FLUX.1-dev-16steps-lora.safetensors", "hyper_flux", 16),
+    ("flux.1-turbo-alpha-lora.safetensors", "flux_turbo_alpha", 8),
+    ("z_image_turbo_bf16.safetensors", "z_image_turbo", 9),
+]
+
+
+@pytest.mark.parametrize("name,family,steps", FLOW_PUBLISHED)
+def test_flow_published_names(name, family, steps):
+    settings = detect_settings(name)
+    assert (settings.family, settings.steps, settings.cfg) == (family, steps, 1.0)
+
+
+def test_family_must_fit_the_model_base():
+    from comfyui_fewstep.fewstep.detection import check_family_fits_model
+    from comfyui_fewstep.fewstep.families import FewStepInputError, get_family
+
+    check_family_fits_model(get_family("flux_schnell"), "FluxSchnell", flow_model=True)
+    check_family_fits_model(get_family("lcm"), "SDXL", flow_model=False)
+    with pytest.raises(FewStepInputError, match="set family to flux_schnell"):
+        check_family_fits_model(get_family("lcm"), "FluxSchnell", flow_model=True)
+    with pytest.raises(FewStepInputError, match="set family to flux_turbo_alpha or hyper_flux"):
+        check_family_fits_model(get_family("flux_schnell"), "Flux", flow_model=True)
+    with pytest.raises(FewStepInputError, match="runs on SD3 models"):
+        check_family_fits_model(get_family("sd35_large_turbo"), "SDXL", flow_model=False)
