@@ -1,15 +1,17 @@
 """FewStepScheduler and FewStepSampler: the family's reference timesteps and update rule in ComfyUI.
 
-Thin glue: the maths is in fewstep.schedules and fewstep.update_rules.
+Thin glue: the maths is in fewstep.schedules, fewstep.flow_schedules and fewstep.update_rules.
 """
 from __future__ import annotations
 
 import comfy.model_sampling
 import comfy.samplers
+import torch
 from comfy.k_diffusion.sampling import default_noise_sampler
 from comfy_api.latest import io
 
 from ..fewstep import update_rules
+from ..fewstep.detection import check_family_fits_model
 from ..fewstep.families import (
     ETA_FROM_FAMILY,
     FAMILY_NAMES,
@@ -19,6 +21,7 @@ from ..fewstep.families import (
     resolve_eta,
     resolve_family,
 )
+from ..fewstep.flow_schedules import check_flow_steps, flow_sigmas
 from ..fewstep.schedules import (
     LCM_ORIGINAL_INFERENCE_STEPS,
     DiscreteNoiseSchedule,
@@ -38,6 +41,10 @@ STEPS_TOOLTIP = "Sampling steps. The cards: " + ", ".join(
 WITHOUT_GUIDANCE = ", ".join(name for name in FAMILY_NAMES if get_family(name).default_cfg == 1.0)
 ETA_REFERENCES = ", ".join(f"{get_family(name).default_eta:g} for {name}" for name in FAMILY_NAMES
                            if get_family(name).default_eta is not None)
+LATENT_TOOLTIP = (
+    "Flow-matching families whose card shifts σ by image size (FLUX.1-dev's Turbo-Alpha and Hyper-FLUX): "
+    "the latent being sampled, for its token count. Others ignore it."
+)
 SETTINGS_TOOLTIP = (
     "Settings a FewStep loader detected from the LoRA/UNet file; when connected, its family "
     "replaces the family widget."
@@ -62,13 +69,28 @@ def noise_schedule_of(model_sampling) -> DiscreteNoiseSchedule:
     return DiscreteNoiseSchedule(model_sampling.sigmas)
 
 
+def model_architecture(model) -> str:
+    """ComfyUI's model config class (comfy.supported_models), e.g. 'FluxSchnell', 'SD3', 'SDXL'."""
+    return type(model.model.model_config).__name__
+
+
 def schedule_sigmas(model, family: Family, steps: int, denoise: float, timesteps: str = "",
-                    original_inference_steps: int = LCM_ORIGINAL_INFERENCE_STEPS):
-    """SIGMAS for the family's reference timesteps, read through the model's own σ table."""
+                    original_inference_steps: int = LCM_ORIGINAL_INFERENCE_STEPS, latent=None):
+    """SIGMAS for the family's reference timesteps, read through the model's own σ table; for a
+    flow-matching family, its pipeline's σ (model_sampling CONST: ComfyUI's σ is diffusers' σ)."""
+    model_sampling = model.get_model_object("model_sampling")
+    check_family_fits_model(family, model_architecture(model), isinstance(model_sampling, comfy.model_sampling.CONST))
+    if family.flow is not None:
+        if (timesteps or "").strip():
+            raise FewStepInputError(
+                f"timesteps: {family.name} is a flow-matching family, whose σ come from its card's scheduler; "
+                "leave timesteps empty."
+            )
+        latent_size = None if latent is None else tuple(latent["samples"].shape[-2:])
+        return torch.tensor(flow_sigmas(family.name, steps, denoise, latent_size), dtype=torch.float32)
     timestep_list = reference_timesteps(
         family.name, steps, denoise, parse_timesteps(timesteps or ""), original_inference_steps
     )
-    model_sampling = model.get_model_object("model_sampling")
     if isinstance(model_sampling, comfy.model_sampling.X0) and family.update_rule not in ("euler", "euler_ancestral"):
         raise FewStepInputError(
             f"family: {family.name} with a model that predicts x0 (the 1-step SDXL-Lightning UNet); "
@@ -81,6 +103,10 @@ def check_schedule(family, steps, denoise, timesteps, original_inference_steps) 
     """The scheduler's checks on constant widget values, for validate_inputs (None: linked)."""
     if family is not None:
         get_family(family)
+    if family is not None and get_family(family).flow is not None:
+        if steps is not None and denoise is not None:
+            check_flow_steps(get_family(family), steps, denoise)
+        return
     if family is not None and steps is not None and denoise is not None:
         reference_timesteps(
             family, steps, denoise, parse_timesteps(timesteps or ""),
@@ -135,6 +161,7 @@ class FewStepScheduler(io.ComfyNode):
                     tooltip=f"LCM/TCD only: the distillation grid the steps are picked from (reference {LCM_ORIGINAL_INFERENCE_STEPS}).",
                 ),
                 settings_input(),
+                io.Latent.Input("latent_image", optional=True, tooltip=LATENT_TOOLTIP),
             ],
             outputs=[io.Sigmas.Output(tooltip="σ for each timestep, then 0.")],
         )
@@ -150,10 +177,11 @@ class FewStepScheduler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, family, steps, denoise, timesteps="",
-                original_inference_steps=LCM_ORIGINAL_INFERENCE_STEPS, settings=None) -> io.NodeOutput:
+                original_inference_steps=LCM_ORIGINAL_INFERENCE_STEPS, settings=None, latent_image=None) -> io.NodeOutput:
         check_numbers(cls, steps=steps, denoise=denoise, original_inference_steps=original_inference_steps)
         chosen = resolve_family(family, settings)
-        return io.NodeOutput(schedule_sigmas(model, chosen, steps, denoise, timesteps, original_inference_steps))
+        return io.NodeOutput(schedule_sigmas(model, chosen, steps, denoise, timesteps, original_inference_steps,
+                                             latent_image))
 
 
 class FamilySampler(comfy.samplers.KSAMPLER):
@@ -195,6 +223,15 @@ class FamilySampler(comfy.samplers.KSAMPLER):
         )
 
 
+def family_sampler(family: Family, eta: float | None) -> comfy.samplers.KSAMPLER:
+    """The family's SAMPLER. Flow-matching families take ComfyUI's own `euler`: on a CONST model its step
+    x + (σ_next − σ)·(x − x₀)/σ is FlowMatchEulerDiscreteScheduler.step's x + (σ_next − σ)·v, down to σ = 0,
+    and KSAMPLER's CONST noise_scaling σ₀·noise + (1 − σ₀)·latent is the pipelines' scale_noise."""
+    if family.flow is not None:
+        return comfy.samplers.ksampler("euler")
+    return FamilySampler(family, eta)
+
+
 class FewStepSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -225,7 +262,7 @@ class FewStepSampler(io.ComfyNode):
     def execute(cls, family, eta=ETA_FROM_FAMILY, settings=None) -> io.NodeOutput:
         check_numbers(cls, eta=eta)
         chosen = resolve_family(family, settings)
-        return io.NodeOutput(FamilySampler(chosen, resolve_eta(eta, settings, chosen)))
+        return io.NodeOutput(family_sampler(chosen, resolve_eta(eta, settings, chosen)))
 
 
 class FewStepKSampler(io.ComfyNode):
@@ -288,8 +325,8 @@ class FewStepKSampler(io.ComfyNode):
 
         check_numbers(cls, seed=seed, steps=steps, cfg=cfg, denoise=denoise, eta=eta)
         chosen = resolve_family(family, settings)
-        sigmas = schedule_sigmas(model, chosen, steps, denoise)
-        sampler = FamilySampler(chosen, resolve_eta(eta, settings, chosen))
+        sigmas = schedule_sigmas(model, chosen, steps, denoise, latent=latent_image)
+        sampler = family_sampler(chosen, resolve_eta(eta, settings, chosen))
         sampled = SamplerCustom.execute(model, True, seed, cfg, positive, negative, sampler, sigmas, latent_image)
         return io.NodeOutput(sampled[0])
 
