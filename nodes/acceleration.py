@@ -9,7 +9,8 @@ patches the weights themselves), so a graph of the patched model runs no LoRA co
 """
 from __future__ import annotations
 
-import contextlib
+import copy
+import logging
 import types
 
 import torch
@@ -23,7 +24,11 @@ from comfy_api.latest import io, ui
 from ..fewstep.acceleration import (
     COMPILE_BACKEND,
     DEFAULT_MAX_SHAPES,
+    STREAM_ORDERED_ALLOCATOR,
     GraphCache,
+    allocator_backend,
+    gib,
+    graph_memory_bytes,
     attention_by_matmuls,
     compile_unavailable_reason,
     compiled_capture_unavailable_reason,
@@ -33,6 +38,7 @@ from ..fewstep.acceleration import (
 )
 
 WRAPPER_KEY = "fewstep_accelerate"
+log = logging.getLogger("fewstep.acceleration")
 
 
 class UNetAccelerator:
@@ -72,8 +78,12 @@ class UNetAccelerator:
             signature = (*(tensor_signature(value) for value in inputs), tuple(names),
                          torch.is_inference_mode_enabled())
 
+            # A copy: the compile worker may trace this function while ComfyUI goes on changing the
+            # options it passes to later calls.
+            options = dict(transformer_options)
+
             def forward(x_, timesteps_, context_, y_, *extra_):
-                return executor(x_, timesteps_, context_, y_, None, transformer_options, **dict(zip(names, extra_)))
+                return executor(x_, timesteps_, context_, y_, None, options, **dict(zip(names, extra_)))
 
             output = self.graphs.run(signature, forward, inputs, executor.class_obj)
             if output is not None:
@@ -146,12 +156,16 @@ class AcceleratedVAE(comfy.sd.VAE):
             self.decode_graphs.eager(reason)
             return None
         return self.decode_graphs.run(signature, self._decode_to_image, [latent], self.first_stage_model,
-                                      tracing_context=lambda: decoder_traced_for_compiler(self.first_stage_model))
+                                      compiler_form=self._decode_to_image_for_compiler)
 
-    def _decode_to_image(self, latent):
+    def _decode_to_image(self, latent, first_stage_model=None):
         # VAE.decode computes process_output(decode(samples).to(output_device).float()): the same
         # elementwise float32 maths, here before the copy instead of after it.
-        return self.process_output(self.first_stage_model.decode(latent).float())
+        return self.process_output((first_stage_model or self.first_stage_model).decode(latent).float())
+
+    def _decode_to_image_for_compiler(self):
+        decoder = decoder_for_compiler(self.first_stage_model)
+        return lambda latent: self._decode_to_image(latent, decoder)
 
     def _to_output_device(self, image):
         if image.device.type == "cpu":  # no staging copy (the graph path runs on the CPU only in tests)
@@ -165,29 +179,23 @@ class AcceleratedVAE(comfy.sd.VAE):
         return output
 
 
-@contextlib.contextmanager
-def decoder_traced_for_compiler(first_stage_model: torch.nn.Module):
-    """While the compiler traces the VAE decoder: its GroupNorms computed by group_norm_for_compiler
-    and its attention by attention_by_matmuls, the forms Inductor makes fast (fewstep.acceleration
-    says why). Restored on leaving, so eager decodes stay ComfyUI's own. A GroupNorm whose weights
+def decoder_for_compiler(first_stage_model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the VAE model sharing every weight tensor, whose decoder computes its GroupNorms by
+    group_norm_for_compiler and its attention by attention_by_matmuls, the forms Inductor makes fast
+    (fewstep.acceleration says why). A copy, because the compile worker traces it while ComfyUI may be
+    decoding with the original: ComfyUI's own modules stay as they are. A GroupNorm whose weights
     ComfyUI casts or patches per call, or whose forward something else has replaced, keeps its own."""
-    decoder = getattr(first_stage_model, "decoder", first_stage_model)
-    norms = [module for module in decoder.modules() if isinstance(module, torch.nn.GroupNorm)
-             and "forward" not in module.__dict__ and not getattr(module, "comfy_cast_weights", False)
-             and not getattr(module, "weight_function", None) and not getattr(module, "bias_function", None)]
-    blocks = [module for module in decoder.modules() if isinstance(module, AttnBlock)]
-    attentions = [block.optimized_attention for block in blocks]
-    try:
-        for norm in norms:
-            norm.forward = types.MethodType(_group_norm_for_compiler_forward, norm)
-        for block in blocks:
-            block.optimized_attention = attention_by_matmuls
-        yield
-    finally:
-        for norm in norms:
-            norm.__dict__.pop("forward", None)  # the instance attribute: the class's forward shows through again
-        for block, attention in zip(blocks, attentions):
-            block.optimized_attention = attention
+    shared = {id(tensor): tensor for tensor in (*first_stage_model.parameters(), *first_stage_model.buffers())}
+    model = copy.deepcopy(first_stage_model, memo=shared)
+    decoder = getattr(model, "decoder", model)
+    for module in decoder.modules():
+        if (isinstance(module, torch.nn.GroupNorm) and "forward" not in module.__dict__
+                and not getattr(module, "comfy_cast_weights", False)
+                and not getattr(module, "weight_function", None) and not getattr(module, "bias_function", None)):
+            module.forward = types.MethodType(_group_norm_for_compiler_forward, module)
+        elif isinstance(module, AttnBlock):
+            module.optimized_attention = attention_by_matmuls
+    return model
 
 
 def _group_norm_for_compiler_forward(norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -202,12 +210,14 @@ class FewStepAccelerate(io.ComfyNode):
             display_name="Few-Step Accelerate (torch.compile + CUDA graphs for UNet and VAE decode)",
             category="sampling/few-step",
             description=(
-                "Compiles the UNet and the VAE decoder (torch.compile) and replays them as CUDA graphs, "
-                "one per image size and batch, captured at its first run, to remove the launch overhead "
-                "and memory-bound work that dominate 1–4-step sampling; outputs stay within a measured "
-                "tolerance of eager. What it cannot capture (CPU, ControlNet, model patches, lowvram) runs "
-                "eagerly with a message."
+                "Replays the UNet and the VAE decoder as CUDA graphs, one per image size and batch, to remove "
+                "the launch overhead and memory-bound work that dominate 1–4-step sampling. A new size runs at "
+                "once on a graph of the eager kernels while torch.compile compiles it in the background; later "
+                "runs switch to the compiled graph. Outputs stay within a measured tolerance of eager. What it "
+                "cannot capture (CPU, ControlNet, model patches, lowvram) runs eagerly with a message; the node "
+                "shows how much GPU memory its graphs hold."
             ),
+            hidden=[io.Hidden.unique_id],
             inputs=[
                 io.Model.Input("model", tooltip=(
                     "The model to sample, LoRAs already applied (ComfyUI fuses them into the weights). "
@@ -219,13 +229,15 @@ class FewStepAccelerate(io.ComfyNode):
                     "choice, the same kernels as eager.")),
                 io.Int.Input("max_shapes", default=DEFAULT_MAX_SHAPES, min=1, max=64, tooltip=(
                     "How many image size × batch combinations keep a captured graph each for the UNet "
-                    "and the VAE (least recently used dropped); each holds its activations' memory.")),
+                    "and the VAE (least recently used dropped): the bound on the GPU memory the graphs hold "
+                    "(their activations; the node shows the amount after each capture).")),
                 # Last and optional: workflows saved before it existed keep their widget values in place.
                 io.Boolean.Input("compile_kernels", default=True, optional=True, tooltip=(
-                    "Compile the UNet and the VAE decoder with torch.compile (Triton kernels) before "
-                    "capturing them: faster kernels (README, Speed), but the first run of each image size and "
-                    "batch waits for the compile, minutes for SDXL (less with Inductor's cache warm). Off: graphs "
-                    "of the eager kernels, captured in about a second. Without Triton it is skipped with a message.")),
+                    "Also compile the UNet and the VAE decoder with torch.compile (Triton kernels): faster "
+                    "kernels (README, Speed). Compiling runs in the background, minutes per image size and batch "
+                    "for SDXL (less with Inductor's cache warm); no prompt waits for it, each runs on a graph of "
+                    "the eager kernels (captured in about a second) until the compiled one is ready. Off: graphs "
+                    "of the eager kernels only. Without Triton it is skipped with a message.")),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model with its UNet calls replayed from CUDA graphs."),
@@ -247,27 +259,62 @@ class FewStepAccelerate(io.ComfyNode):
 
         # A user's Cancel raised inside a UNet or decoder run must stop the prompt, not be fallen back from.
         passthrough = (comfy.model_management.InterruptProcessingException,)
-        unet = UNetAccelerator(GraphCache("UNet", max_shapes, autotune_convolutions, backend,
-                                          passthrough=passthrough), model.model)
+        caches = [GraphCache(part, max_shapes, autotune_convolutions, backend, passthrough=passthrough)
+                  for part in ("UNet", "VAE decode")]
+        holdings = GraphHoldings(caches, max_shapes, cls.hidden.unique_id if cls.hidden else None)
+        for cache in caches:
+            cache.on_change = holdings.show
+        unet = UNetAccelerator(caches[0], model.model)
         accelerated = model.clone()
         for wrapper_type, wrapper in ((comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, unet.diffusion_model),
                                       (comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, unet.sampler_sample)):
             accelerated.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)  # accelerating twice replaces
             accelerated.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, wrapper)
-        accelerated_vae = AcceleratedVAE.sharing(
-            vae, GraphCache("VAE decode", max_shapes, autotune_convolutions, backend, passthrough=passthrough))
+        accelerated_vae = AcceleratedVAE.sharing(vae, caches[1])
 
         if graph_reasons:
             message = f"{'; '.join(sorted(graph_reasons))}: UNet and VAE decode run eager, as without this node."
         else:
-            how = "compiled with torch.compile and captured as CUDA graphs" if backend else "captured as CUDA graphs"
-            message = (f"On {model.load_device}, UNet and VAE decode are {how} at the first run of each image "
-                       f"size and batch (up to {max_shapes} kept), replayed on later runs; times go to the log.")
+            message = (f"On {model.load_device}, UNet and VAE decode are captured as CUDA graphs at the first run "
+                       f"of each image size and batch (up to {max_shapes} kept each), replayed on later runs; "
+                       "times go to the log.")
             if backend:
-                message += " Compiling makes that first run about two minutes longer for SDXL."
+                message += (" torch.compile compiles each new size in the background (minutes for SDXL) while "
+                            "it runs on the eager kernels' graph; later runs use the compiled graph.")
             if compile_reason:
                 message += f" Not compiled: {compile_reason}."
         return io.NodeOutput(accelerated, accelerated_vae, ui=ui.PreviewText(message))
+
+
+class GraphHoldings:
+    """What a FewStepAccelerate node's graphs hold, in the log and on the node (ComfyUI's progress
+    text, which the frontend shows under the node) after each capture."""
+
+    def __init__(self, caches: list[GraphCache], max_shapes: int, node_id: str | None):
+        self.caches, self.max_shapes, self.node_id = caches, max_shapes, node_id
+
+    def describe(self) -> str:
+        parts = []
+        for cache in self.caches:
+            compiled = sum(graph.compiled for graph in cache.graphs.values())
+            parts.append(f"{cache.part}: {len(cache.graphs)} of at most {self.max_shapes} sizes captured "
+                         f"({compiled} compiled, {len(cache.compiling)} compiling)")
+        held = graph_memory_bytes([cache.pool for cache in self.caches])
+        # Under cudaMallocAsync the driver pools every graph's memory per device (fewstep.acceleration.memory).
+        scope = "all CUDA graphs on this GPU" if allocator_backend() == STREAM_ORDERED_ALLOCATOR else "these graphs"
+        return f"{'; '.join(parts)}. GPU memory held by {scope}: {gib(held)}."
+
+    def show(self) -> None:
+        text = self.describe()
+        log.info("FewStepAccelerate: %s", text)
+        if self.node_id is None:
+            return
+        try:
+            from server import PromptServer
+        except ImportError:
+            return
+        if getattr(PromptServer, "instance", None) is not None:
+            PromptServer.instance.send_progress_text(text, self.node_id)
 
 
 ACCELERATION_NODES = [FewStepAccelerate]

@@ -10,7 +10,6 @@ wrapper executor, UNet and VAE decoder, in a real sampling run.
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import numpy as np
@@ -98,12 +97,11 @@ def test_dynamo_traces_what_the_node_captures_in_a_real_sampling_run(comfy, requ
     node_module = loaded_node_module(comfy)
     counters, backends, traced_differently = {}, {}, {}
 
-    def compile_and_run(cache, signature, function, inputs, module, tracing_context=None):
+    def compile_and_run(cache, signature, function, inputs, module, compiler_form=None):
         backends[cache.part] = cache.compile_backend
-        traced_differently[cache.part] = tracing_context is not None
+        traced_differently[cache.part] = compiler_form is not None
         counter = counters.setdefault(cache.part, CompileCounterWithBackend("aot_eager"))
-        with tracing_context() if tracing_context is not None else contextlib.nullcontext():
-            return compile_for_one_shape(function, backend=counter)(*inputs)
+        return compile_for_one_shape(compiler_form() if compiler_form else function, backend=counter)(*inputs)
 
     # The attention ComfyUI picks on a CUDA GPU (SDPA) rather than its CPU choice (sub-quadratic
     # attention, which asks psutil for free memory inside the UNet and so breaks the graph there).
@@ -142,61 +140,84 @@ class Interrupted(Exception):
     """Stands in for ComfyUI's InterruptProcessingException (a user's Cancel)."""
 
 
-@pytest.mark.parametrize("compiling, plain, expected_output, compiler_kept", [
-    (None, None, "compiled", True),
-    (CompileFailed("ValueError: no kernel"), None, "plain", False),  # the compiler failed: off for good
-    (RuntimeError("not capturable"), None, "plain", True),  # this shape's compiled kernels didn't capture
-    (CompileFailed("ValueError: no kernel"), RuntimeError("not capturable"), None, False),  # then eager
-])
-def test_graph_cache_falls_back_from_compiling_to_plain_capture_to_eager(
-        monkeypatch, compiling, plain, expected_output, compiler_kept):
-    """GraphCache's fallback order, with CapturedGraph (CUDA-only) replaced by one that fails as told."""
+class FinishedJob:
+    """A CompileJob the worker has finished, as told (compile error or not)."""
 
-    contexts = []
+    def __init__(self, error=None):
+        self.error, self.seconds, self.compiled_runs = error, 1.0, 0
+
+    def done(self):
+        return True
+
+    def runnable(self):
+        return "compiled code"
+
+    def check_compiled_code_ran(self, runs_before):
+        pass
+
+
+@pytest.mark.parametrize("compile_error, compiled_capture, plain, outputs, compiler_kept", [
+    (None, None, None, ["plain", "compiled"], True),
+    (CompileFailed("ValueError: no kernel"), None, None, ["plain", "plain"], True),  # stays on the plain graph
+    (None, RuntimeError("not capturable"), None, ["plain", "plain"], True),  # this shape's compiled kernels didn't capture
+    (None, None, RuntimeError("not capturable"), [None, None], True),  # not even the eager kernels: eager
+])
+def test_graph_cache_captures_eager_kernels_at_once_and_the_compiled_code_when_ready(
+        monkeypatch, compile_error, compiled_capture, plain, outputs, compiler_kept):
+    """GraphCache's order, with CapturedGraph (CUDA-only) and the compile worker replaced by stand-ins
+    that fail as told: the first call captures the eager kernels and submits a compile; a call after
+    the compile finished captures its code in place of the eager graph, or keeps the eager graph."""
+    submitted, captured = [], []
 
     class CapturedGraphFailingAsTold:
-        def __init__(self, function, inputs, module, pool, autotune, compile_backend=None, tracing_context=None):
-            self.compiled = compile_backend is not None
-            contexts.append((self.compiled, tracing_context))
-            failure = compiling if self.compiled else plain
+        def __init__(self, function, inputs, module, pool, autotune, compiled=False, warmup_runs=3,
+                     before_capture=None):
+            captured.append((function, compiled))
+            failure = compiled_capture if compiled else plain
             if failure is not None:
                 raise failure
-            self.capture_seconds = 0.0
+            self.compiled, self.capture_seconds = compiled, 0.0
+            self.snapshot = WeightSnapshot(module)
 
         def __call__(self, inputs):
             return "compiled" if self.compiled else "plain"
 
+    class Worker:
+        def submit(self, job):
+            submitted.append(job)
+            return FinishedJob(compile_error)
+
     monkeypatch.setattr(graphs, "CapturedGraph", CapturedGraphFailingAsTold)
+    monkeypatch.setattr(graphs, "WORKER", Worker())
+    monkeypatch.setattr(graphs, "CompileJob", lambda part, signature, function, inputs, backend: (function, backend))
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     cache = GraphCache("UNet", compile_backend=COMPILE_BACKEND, passthrough=(Interrupted,))
-    traced_differently = object()  # stands in for decoder_traced_for_compiler
-    output = cache.run(("shape",), None, [], torch.nn.Module(), tracing_context=traced_differently)
-    assert output == expected_output
-    # Only the compiler is handed the tracing context; the eager kernels are captured as they are.
-    assert contexts[0] == (True, traced_differently) and all(context is None for _, context in contexts[1:])
+    compiler_form = lambda: "the compiler's form"  # noqa: E731 — stands in for the VAE's decoder_for_compiler
+    assert [cache.run(("shape",), "eager function", [], torch.nn.Module(), compiler_form) for _ in range(2)] == outputs
+    # The eager kernels are captured from the function itself; only the compiler gets its form.
+    assert captured[0] == ("eager function", False)
+    assert submitted == ([] if plain else [("the compiler's form", COMPILE_BACKEND)])
+    assert captured[1:] == ([] if plain or compile_error else [("compiled code", True)])
     assert (cache.compile_backend == COMPILE_BACKEND) == compiler_kept
-    assert ("shape",) in cache.failures if expected_output is None else not cache.failures
-    if compiling is not None:
-        assert any(("torch.compile failed" if isinstance(compiling, CompileFailed) else "could not be captured") in said
+    assert ("shape",) in cache.failures if plain else not cache.failures
+    assert (("shape",) in cache.compile_failures) == bool(compile_error or compiled_capture)
+    if compile_error or compiled_capture:
+        assert any(("torch.compile failed" if compile_error else "could not be captured") in said
                    for said in cache._said)
 
 
-@pytest.mark.parametrize("raised", [Interrupted(), CompileFailed("interrupted while compiling")])
-def test_graph_cache_passes_a_cancel_through_instead_of_falling_back(monkeypatch, raised):
-    if isinstance(raised, CompileFailed):
-        raised.__cause__ = Interrupted()
-
+def test_graph_cache_passes_a_cancel_through_instead_of_falling_back(monkeypatch):
     class CapturedGraphCancelled:
         def __init__(self, *args, **kwargs):
-            raise raised
+            raise Interrupted()
 
     monkeypatch.setattr(graphs, "CapturedGraph", CapturedGraphCancelled)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     cache = GraphCache("UNet", compile_backend=COMPILE_BACKEND, passthrough=(Interrupted,))
     with pytest.raises(Interrupted):
         cache.run(("shape",), None, [], torch.nn.Module())
-    assert cache.compile_backend == COMPILE_BACKEND and not cache.failures
+    assert cache.compile_backend == COMPILE_BACKEND and not cache.failures and not cache.compiling
 
 
 def test_accelerated_vae_decode_equals_vae_decode_in_float(comfy, sd15):
@@ -215,58 +236,48 @@ def test_accelerated_vae_decode_equals_vae_decode_in_float(comfy, sd15):
 
 
 @pytest.mark.parametrize("channel_sums_from", [0, compiler_forms.CHANNEL_SUMS_MIN_ELEMENTS])
-def test_decoder_traced_for_compiler_swaps_norms_and_attention_and_restores_them(comfy, sd15, monkeypatch,
-                                                                                  channel_sums_from):
-    """What the compiler traces of ComfyUI's decoder: the same decode (float32 here), computed by
-    group_norm_for_compiler (by channel sums everywhere, or as on the GPU only from a size the tiny
-    VAE never reaches) and attention_by_matmuls; afterwards ComfyUI's own modules again."""
+def test_decoder_for_compiler_shares_the_weights_and_leaves_comfyuis_modules_alone(comfy, sd15, monkeypatch,
+                                                                                   channel_sums_from):
+    """What the compiler traces of ComfyUI's decoder: a copy sharing every weight tensor whose
+    GroupNorms are group_norm_for_compiler (by channel sums everywhere, or as on the GPU only from a
+    size the tiny VAE never reaches) and attention attention_by_matmuls; the same decode (float32
+    here); ComfyUI's own modules untouched, so eager decodes meanwhile stay ComfyUI's."""
     from comfy.ldm.modules.diffusionmodules.model import AttnBlock
 
     node_module = loaded_node_module(comfy)
     pack_acceleration = sys.modules[node_module.group_norm_for_compiler.__module__]  # ComfyUI's import of it
     monkeypatch.setattr(pack_acceleration, "CHANNEL_SUMS_MIN_ELEMENTS", channel_sums_from)
     _, _, vae = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(sd15.checkpoint_name)
-    decoder = vae.first_stage_model.decoder
-    norms = [m for m in decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
-    blocks = [m for m in decoder.modules() if isinstance(m, AttnBlock)]
-    attentions = [block.optimized_attention for block in blocks]
-    assert norms and blocks
+    original = vae.first_stage_model
+    attentions = [m.optimized_attention for m in original.decoder.modules() if isinstance(m, AttnBlock)]
+    copy = node_module.decoder_for_compiler(original)
+    norms = [m for m in copy.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    blocks = [m for m in copy.decoder.modules() if isinstance(m, AttnBlock)]
+    assert norms and blocks and copy is not original
+    assert all(norm.forward.__func__ is node_module._group_norm_for_compiler_forward for norm in norms)
+    assert all(block.optimized_attention is node_module.attention_by_matmuls for block in blocks)
+    assert all(mine is theirs for mine, theirs in zip(copy.parameters(), original.parameters()))
+    assert all(mine is theirs for mine, theirs in zip(copy.buffers(), original.buffers()))
+    assert len(list(copy.parameters())) == len(list(original.parameters())) > 0
+    assert all("forward" not in m.__dict__ for m in original.modules() if isinstance(m, torch.nn.GroupNorm))
+    assert [m.optimized_attention for m in original.decoder.modules() if isinstance(m, AttnBlock)] == attentions
     latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
-        expected = vae.first_stage_model.decode(latent)
-        with node_module.decoder_traced_for_compiler(vae.first_stage_model):
-            assert all(norm.forward.__func__ is node_module._group_norm_for_compiler_forward for norm in norms)
-            assert all(block.optimized_attention is node_module.attention_by_matmuls for block in blocks)
-            traced = vae.first_stage_model.decode(latent)
+        expected, traced = original.decode(latent), copy.decode(latent)
     assert agreement(traced, expected, tolerance=1e-5).within_tolerance
-    assert all("forward" not in norm.__dict__ for norm in norms)
-    assert [block.optimized_attention for block in blocks] == attentions
 
 
-def test_decoder_traced_for_compiler_restores_after_an_error_and_leaves_others_patches(comfy, sd15):
-    from comfy.ldm.modules.diffusionmodules.model import AttnBlock
-
+def test_decoder_for_compiler_leaves_norms_that_others_patch_or_comfyui_casts(comfy, sd15):
     node_module = loaded_node_module(comfy)
     _, _, vae = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(sd15.checkpoint_name)
-    decoder = vae.first_stage_model.decoder
-    patched, cast, *plain = [m for m in decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
-    block = next(m for m in decoder.modules() if isinstance(m, AttnBlock))
-    attention = block.optimized_attention
-    someone_elses_forward = patched.forward  # another extension's instance-level patch
-    patched.forward = someone_elses_forward
+    patched, cast, *plain = [m for m in vae.first_stage_model.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    patched.forward = lambda x: x  # another extension's instance-level patch
     cast.comfy_cast_weights = True  # ComfyUI casts this one's weights per call
-    try:
-        with pytest.raises(RuntimeError, match="compiler failed"):
-            with node_module.decoder_traced_for_compiler(vae.first_stage_model):
-                assert patched.forward is someone_elses_forward and "forward" not in cast.__dict__
-                assert all(norm.forward.__func__ is node_module._group_norm_for_compiler_forward for norm in plain)
-                raise RuntimeError("compiler failed")
-        assert patched.__dict__["forward"] is someone_elses_forward
-        assert all("forward" not in norm.__dict__ for norm in (cast, *plain))
-        assert block.optimized_attention is attention
-    finally:
-        del patched.forward
-        cast.comfy_cast_weights = False
+    copy_patched, copy_cast, *copy_plain = [m for m in node_module.decoder_for_compiler(
+        vae.first_stage_model).decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert copy_patched.forward is patched.forward
+    assert "forward" not in copy_cast.__dict__
+    assert all(norm.forward.__func__ is node_module._group_norm_for_compiler_forward for norm in copy_plain)
 
 
 def test_graph_cache_replays_only_a_kept_graph_whose_weights_stayed():

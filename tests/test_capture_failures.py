@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import types
 
 import pytest
 import torch
 
 from graphs import SEED
 from test_acceleration import accelerated_prompt, loaded_node_module
+
+from comfyui_fewstep.fewstep.acceleration import agreement
 
 from comfyui_fewstep.fewstep.acceleration import compiler
 
@@ -52,18 +56,25 @@ def test_without_a_launcher_to_hand_addresses_to_compiled_capture_is_refused_up_
 @pytest.fixture
 def capture_fails_for_compiled_kernels(comfy, monkeypatch):
     """ComfyUI's import of the pack, patched so its graph path runs on the CPU: the device checks
-    pass, cudaMallocAsync is the allocator, and compiled capture fails with the driver's error."""
+    pass, cudaMallocAsync is the allocator, the compile worker compiles for real with `aot_eager`
+    (Dynamo and AOTAutograd, no kernel generation), and capturing compiled code fails with the
+    driver's error. The stand-in "replays" by running the function it was given."""
     node_module = loaded_node_module(comfy)
     graphs_module = sys.modules[node_module.GraphCache.__module__]
-    compiler_module = sys.modules[graphs_module.CompileFailed.__module__]
+    compiler_module = sys.modules[graphs_module.kernel_launches_by_address.__module__]
     attempts = []
 
     class CaptureStandIn:
-        def __init__(self, function, inputs, module, pool, autotune, compile_backend=None, tracing_context=None):
-            attempts.append("compiled" if compile_backend else "eager kernels")
-            if compile_backend is not None:
+        def __init__(self, function, inputs, module, pool, autotune, compiled=False, warmup_runs=3,
+                     before_capture=None):
+            attempts.append("compiled" if compiled else "eager kernels")
+            for _ in range(warmup_runs):
+                function(*inputs)
+            if before_capture is not None:
+                before_capture()
+            if compiled and stand_in.compiled_capture_fails:
                 raise RuntimeError(DRIVER_ERROR)
-            self.function, self.compiled, self.capture_seconds = function, False, 0.0
+            self.function, self.compiled, self.capture_seconds = function, compiled, 0.0
             self.snapshot = graphs_module.WeightSnapshot(module)
 
         def __call__(self, inputs):
@@ -74,48 +85,66 @@ def capture_fails_for_compiled_kernels(comfy, monkeypatch):
         monkeypatch.setattr(module, "allocator_backend", lambda: "cudaMallocAsync")
     monkeypatch.setattr(node_module, "cuda_graph_unavailable_reason", lambda device: None)
     monkeypatch.setattr(node_module, "compile_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(node_module, "compiled_capture_unavailable_reason", lambda: None)
+    monkeypatch.setattr(node_module, "COMPILE_BACKEND", "aot_eager")
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(graphs_module, "FAILED_CAPTURES_KEPT", [])
-    return attempts, graphs_module
+    stand_in = types.SimpleNamespace(attempts=attempts, graphs_module=graphs_module, compiled_capture_fails=True)
+    return stand_in
+
+
+def reseeded(prompt, seed):
+    """Another seed, so that ComfyUI runs the sampler again rather than answering from its cache."""
+    prompt["sample"]["inputs"]["noise_seed"] = seed
+    return prompt
 
 
 def test_a_failed_capture_falls_back_with_a_message_and_the_next_prompt_runs(
         comfy, sd15, capture_fails_for_compiled_kernels, caplog):
-    attempts, graphs_module = capture_fails_for_compiled_kernels
+    stand_in = capture_fails_for_compiled_kernels
+    attempts, graphs_module = stand_in.attempts, stand_in.graphs_module
+    worker = sys.modules[graphs_module.CompileJob.__module__].WORKER
     eager = comfy.run(accelerated_prompt(sd15, "lcm", 2, accelerate=False))
-    with caplog.at_level(logging.WARNING, logger="fewstep.acceleration"):
+    with caplog.at_level(logging.INFO, logger="fewstep.acceleration"):
+        # The first prompt runs on graphs of the eager kernels and hands both parts to the compile worker.
         first = comfy.run(accelerated_prompt(sd15, "lcm", 2, accelerate=True))
+        assert attempts == ["eager kernels", "eager kernels"]
+        assert worker.wait_until_idle(timeout=300)
+        # The next prompt finds the compiled code ready and tries to capture it: the driver refuses.
+        second = comfy.run(reseeded(accelerated_prompt(sd15, "lcm", 2, accelerate=True), SEED + 1))
     assert torch.equal(first.latent("save"), eager.latent("save"))
+    second_eager = comfy.run(reseeded(accelerated_prompt(sd15, "lcm", 2, accelerate=False), SEED + 1))
+    assert torch.equal(second.latent("save"), second_eager.latent("save"))
+    assert not torch.equal(second.latent("save"), first.latent("save"))
     messages = [record.getMessage() for record in caplog.records if record.name == "fewstep.acceleration"]
     for part in ("UNet", "VAE decode"):
-        (said,) = [message for message in messages if message.startswith(f"FewStepAccelerate: {part}: ")]
-        assert "the compiled kernels could not be captured for (2, 4, 8, 8) float32" in said
-        assert f"(RuntimeError: {DRIVER_ERROR}); capturing the eager kernels from now on" in said
+        assert any(message.startswith(f"FewStepAccelerate: {part} for (2, 4, 8, 8) float32") and
+                   "runs on a CUDA graph of the eager kernels now; torch.compile compiles it in the background"
+                   in message for message in messages)
+        (said,) = [message for message in messages
+                   if message.startswith(f"FewStepAccelerate: {part}: the compiled kernels could not be captured")]
+        assert "could not be captured for (2, 4, 8, 8) float32" in said
+        assert f"(RuntimeError: {DRIVER_ERROR}); keeping the graph of the eager kernels from now on" in said
         assert "start ComfyUI with --disable-cuda-malloc for compiled graphs" in said
-    # Each part tried its compiled capture once, then captured its eager kernels; the failed captures
-    # are kept, so nothing they allocated is freed outside a capture.
-    assert attempts == ["compiled", "eager kernels", "compiled", "eager kernels"]
+    # The compiled code itself ran on the prompt's thread (the capture was refused after the warm-up),
+    # and each failed capture is kept, so nothing it allocated is freed outside a capture.
+    assert attempts == ["eager kernels", "eager kernels", "compiled", "compiled"]
     assert len(graphs_module.FAILED_CAPTURES_KEPT) == 2
     assert all(DRIVER_ERROR in str(error) for error in graphs_module.FAILED_CAPTURES_KEPT)
 
-    # The next prompt (another seed, so it runs again rather than from ComfyUI's cache) replays the
-    # eager-kernel capture without trying to compile again, and matches eager at its seed.
-    def reseeded(prompt):
-        prompt["sample"]["inputs"]["noise_seed"] = SEED + 1
-        return prompt
-
-    second = comfy.run(reseeded(accelerated_prompt(sd15, "lcm", 2, accelerate=True)))
-    second_eager = comfy.run(reseeded(accelerated_prompt(sd15, "lcm", 2, accelerate=False)))
-    assert attempts == ["compiled", "eager kernels", "compiled", "eager kernels"]
-    assert torch.equal(second.latent("save"), second_eager.latent("save"))
-    assert not torch.equal(second.latent("save"), first.latent("save"))
+    # Compiling is off for these caches now: a third prompt tries no compiled capture.
+    third = comfy.run(reseeded(accelerated_prompt(sd15, "lcm", 2, accelerate=True), SEED + 2))
+    third_eager = comfy.run(reseeded(accelerated_prompt(sd15, "lcm", 2, accelerate=False), SEED + 2))
+    assert "compiled" not in attempts[4:]
+    assert torch.equal(third.latent("save"), third_eager.latent("save"))
 
 
 def test_a_failed_replay_falls_back_to_eager_for_that_shape(comfy, sd15, capture_fails_for_compiled_kernels, caplog):
     """A graph whose replay fails (e.g. out of memory for its allocations on its first run) is
     dropped, the call runs eagerly, and the shape stays eager."""
-    attempts, graphs_module = capture_fails_for_compiled_kernels
+    stand_in = capture_fails_for_compiled_kernels
+    attempts, graphs_module = stand_in.attempts, stand_in.graphs_module
 
     class ReplayOutOfMemory(graphs_module.CapturedGraph):
         def __call__(self, inputs):
@@ -124,8 +153,48 @@ def test_a_failed_replay_falls_back_to_eager_for_that_shape(comfy, sd15, capture
     graphs_module.CapturedGraph = ReplayOutOfMemory  # restored by the fixture's monkeypatch
     eager = comfy.run(accelerated_prompt(sd15, "tcd", 2, accelerate=False))
     with caplog.at_level(logging.WARNING, logger="fewstep.acceleration"):
-        accelerated = comfy.run(accelerated_prompt(sd15, "tcd", 2, accelerate=True))
+        accelerated = comfy.run(accelerated_prompt(sd15, "tcd", 2, accelerate=True, compile_kernels=False))
     assert torch.equal(accelerated.latent("save"), eager.latent("save"))
     assert any("replay failed for (2, 4, 8, 8) float32" in record.getMessage()
                and "(OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB); running eager for this shape"
                in record.getMessage() for record in caplog.records)
+
+
+def test_no_prompt_waits_for_the_compile_and_the_compiled_graph_takes_over(
+        comfy, sd15, capture_fails_for_compiled_kernels, caplog):
+    """While the worker compiles (held here until the first prompt is done), prompts run on the
+    eager kernels' graphs; the first prompt after it finished captures the compiled code, whose
+    output agrees with eager, and later prompts replay it."""
+    stand_in = capture_fails_for_compiled_kernels
+    attempts, graphs_module = stand_in.attempts, stand_in.graphs_module
+    stand_in.compiled_capture_fails = False
+    background = sys.modules[graphs_module.CompileJob.__module__]
+    released = threading.Event()
+    run = background.CompileJob.run
+
+    def run_when_released(job):
+        released.wait(timeout=300)
+        run(job)
+
+    try:
+        background.CompileJob.run = run_when_released
+        with caplog.at_level(logging.INFO, logger="fewstep.acceleration"):
+            first = comfy.run(accelerated_prompt(sd15, "lcm", 2, accelerate=True))
+            assert attempts == ["eager kernels", "eager kernels"]  # and no compile has started
+            released.set()
+            assert background.WORKER.wait_until_idle(timeout=300)
+            second = comfy.run(reseeded(accelerated_prompt(sd15, "lcm", 2, accelerate=True), SEED + 1))
+            third = comfy.run(reseeded(accelerated_prompt(sd15, "lcm", 2, accelerate=True), SEED + 2))
+    finally:
+        background.CompileJob.run = run
+    assert attempts == ["eager kernels", "eager kernels", "compiled", "compiled"]
+    for result, seed in ((first, SEED), (second, SEED + 1), (third, SEED + 2)):
+        eager = comfy.run(reseeded(accelerated_prompt(sd15, "lcm", 2, accelerate=False), seed))
+        # aot_eager runs the traced ATen ops; only decompositions may round differently.
+        assert agreement(result.latent("save"), eager.latent("save"), tolerance=1e-5).within_tolerance
+    messages = [record.getMessage() for record in caplog.records if record.name == "fewstep.acceleration"]
+    for part in ("UNet", "VAE decode"):
+        assert any(message.startswith(f"FewStepAccelerate: captured {part} CUDA graph for (2, 4, 8, 8) float32")
+                   and "(compiled, cuDNN autotuned)" in message and "compiled in the background in" in message
+                   for message in messages)
+    assert any("UNet: 1 of at most 4 sizes captured (1 compiled, 0 compiling)" in message for message in messages)

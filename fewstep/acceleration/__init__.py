@@ -18,12 +18,15 @@ Torch only; the ComfyUI side (ModelPatcher wrappers, the VAE object) is in nodes
 from .agreement import RELATIVE_L2_TOLERANCE, Agreement, agreement
 from .compiler import (
     COMPILE_BACKEND,
+    STREAM_ORDERED_ALLOCATOR,
+    allocator_backend,
     CompileFailed,
     compile_for_one_shape,
     compile_unavailable_reason,
     compiled_capture_unavailable_reason,
 )
 from .compiler_forms import attention_by_matmuls, group_norm_by_channel_sums, group_norm_for_compiler
+from .background import WORKER, CompiledCodeNotUsed, CompileJob
 from .graphs import (
     DEFAULT_MAX_SHAPES,
     CapturedGraph,
@@ -32,8 +35,10 @@ from .graphs import (
     cuda_graph_unavailable_reason,
     tensor_signature,
 )
+from .memory import gib, graph_memory_bytes
 
 __all__ = [
+    "STREAM_ORDERED_ALLOCATOR", "allocator_backend", "WORKER", "CompileJob", "CompiledCodeNotUsed", "gib", "graph_memory_bytes",
     "COMPILE_BACKEND", "DEFAULT_MAX_SHAPES", "RELATIVE_L2_TOLERANCE", "Agreement", "CapturedGraph",
     "CompileFailed", "GraphCache", "WeightSnapshot", "agreement", "attention_by_matmuls",
     "compile_for_one_shape", "compile_unavailable_reason", "compiled_capture_unavailable_reason",

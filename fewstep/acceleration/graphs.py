@@ -10,14 +10,8 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
-from .compiler import (
-    NATIVE_ALLOCATOR_FLAG,
-    STREAM_ORDERED_ALLOCATOR,
-    CompileFailed,
-    allocator_backend,
-    compile_for_one_shape,
-    kernel_launches_by_address,
-)
+from .background import WORKER, CompiledCodeNotUsed, CompileJob
+from .compiler import NATIVE_ALLOCATOR_FLAG, STREAM_ORDERED_ALLOCATOR, allocator_backend, kernel_launches_by_address
 
 log = logging.getLogger("fewstep.acceleration")
 
@@ -25,6 +19,9 @@ log = logging.getLogger("fewstep.acceleration")
 # cuDNN's algorithm choice, SDPA's backend) must happen outside the graph (PyTorch CUDA Graphs notes:
 # "warm up on a side stream before capture"). Three is what the PyTorch notes' examples use.
 WARMUP_RUNS = 3
+# Compiled code was already run twice by the compile worker (fewstep.acceleration.background): on the
+# capturing thread it needs one run for the lazy initialisation and one checked for host syncs.
+COMPILED_WARMUP_RUNS = 2
 DEFAULT_MAX_SHAPES = 4
 
 
@@ -82,46 +79,39 @@ class CapturedGraph:
     """One callable captured as a CUDA graph for one set of input shapes.
 
     `function(*inputs)` must return one tensor and only read tensors that stay where they are
-    (its inputs, which are copied into static buffers, and the module's weights).
+    (its inputs, which are copied into static buffers, and the module's weights). `compiled`: the
+    function is compiled code (CompileJob.runnable); `before_capture` runs after the warm-up runs and
+    may refuse the capture by raising.
     """
 
     def __init__(self, function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | None],
-                 module: torch.nn.Module, pool, autotune: bool, compile_backend: str | None = None,
-                 tracing_context: Callable[[], ContextManager] | None = None):
-        """`tracing_context`, where compiling: entered around the warm-up runs and the capture, which
-        is while the compiler traces `function` (see GraphCache.run)."""
+                 module: torch.nn.Module, pool, autotune: bool, compiled: bool = False,
+                 warmup_runs: int = WARMUP_RUNS, before_capture: Callable[[], None] | None = None):
         started = time.perf_counter()
         self.static_inputs = [None if x is None else x.clone() for x in inputs]
         self.snapshot = WeightSnapshot(module)
-        self.compiled = compile_backend is not None
-        if self.compiled:
-            function = compile_for_one_shape(function, compile_backend)
-        traced = tracing_context() if self.compiled and tracing_context is not None else contextlib.nullcontext()
+        self.compiled = compiled
         benchmark = torch.backends.cudnn.benchmark
         # cuDNN's benchmark mode times each convolution's algorithms for this shape during warm-up
         # and caches the choice, which the capture then records; it is switched back afterwards so
         # eager code elsewhere in the process is unaffected.
         torch.backends.cudnn.benchmark = autotune or benchmark
         try:
-            with traced:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for run in range(WARMUP_RUNS):
-                        last = run == WARMUP_RUNS - 1
-                        try:
-                            with host_syncs_are_errors() if last else contextlib.nullcontext():
-                                function(*self.static_inputs)
-                        except Exception as error:
-                            if run == 0 and self.compiled:  # the first run is where torch.compile compiles
-                                raise CompileFailed(first_line(error)) from error
-                            raise
-                torch.cuda.current_stream().wait_stream(side)
-                self.graph = torch.cuda.CUDAGraph()
-                launches = kernel_launches_by_address() if self.compiled else contextlib.nullcontext()
-                # thread_local: another thread's CUDA calls (a server's) don't invalidate this capture.
-                with launches, torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-                    self.static_output = function(*self.static_inputs)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for run in range(warmup_runs):
+                    with host_syncs_are_errors() if run == warmup_runs - 1 else contextlib.nullcontext():
+                        function(*self.static_inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            if before_capture is not None:
+                before_capture()
+            self.graph = torch.cuda.CUDAGraph()
+            launches = kernel_launches_by_address() if compiled else contextlib.nullcontext()
+            # thread_local: another thread's CUDA calls (a server's, the compile worker's) don't
+            # invalidate this capture.
+            with launches, torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                self.static_output = function(*self.static_inputs)
         finally:
             torch.backends.cudnn.benchmark = benchmark
         if not isinstance(self.static_output, torch.Tensor):
@@ -142,14 +132,18 @@ class CapturedGraph:
 class CaptureRecord:
     part: str  # "UNet" or "VAE decode"
     signature: tuple
-    seconds: float  # everything: compiling (if), warm-up runs, capture
+    seconds: float  # on the prompt's time: warm-up runs and capture
     compiled: bool = False
+    compile_seconds: float | None = None  # in the background, before a compiled capture
 
 
 @dataclass
 class GraphCache:
     """Captured graphs of one part (the UNet, the VAE decoder) by input signature.
 
+    A new signature is captured at once with the eager kernels; with `compile_backend` set, the
+    function is also handed to the compile worker, and the first call after it finished captures the
+    compiled code and replaces the eager-kernel graph (fewstep.acceleration.background).
     At most `max_shapes` graphs are kept (least recently used dropped). All share one memory pool:
     they never run at once and each output is copied out before the next replay.
     """
@@ -157,24 +151,27 @@ class GraphCache:
     part: str
     max_shapes: int = DEFAULT_MAX_SHAPES
     autotune: bool = True
-    compile_backend: str | None = None  # e.g. COMPILE_BACKEND: compile each shape before capturing it
+    compile_backend: str | None = None  # e.g. COMPILE_BACKEND: compile each shape in the background
     passthrough: tuple = ()  # exception types raised on, not fallen back from (a user's Cancel)
     graphs: OrderedDict = field(default_factory=OrderedDict)
     failures: dict = field(default_factory=dict)  # signature → why capture failed (not retried)
+    compiling: dict = field(default_factory=dict)  # signature → CompileJob not yet captured
+    compile_failures: dict = field(default_factory=dict)  # signature → why compiled code is not used
     captures: list = field(default_factory=list)  # CaptureRecord per capture, in order
     eager_calls: int = 0
-    _pool: object = None
+    pool: object = None  # torch.cuda.graph_pool_handle() shared by this cache's graphs
+    on_change: Callable[[], None] | None = None  # called after each capture (what the graphs hold changed)
     _trusted: set | None = None  # graphs whose weights were checked in the current sampling run
     _said: set = field(default_factory=set)
 
     def run(self, signature: tuple, function: Callable[..., torch.Tensor],
             inputs: Sequence[torch.Tensor | None], module: torch.nn.Module,
-            tracing_context: Callable[[], ContextManager] | None = None) -> torch.Tensor | None:
+            compiler_form: Callable[[], Callable[..., torch.Tensor]] | None = None) -> torch.Tensor | None:
         """The graph's output for `inputs` (capturing it the first time), or None: run eagerly.
 
-        `tracing_context` makes a context under which the compiler traces `function`: where an
-        operation is written differently for it than for eager (fewstep.acceleration's
-        group_norm_by_channel_sums, attention_by_matmuls). The eager kernels are captured without it.
+        `compiler_form` makes the function the compiler is given, where it differs from `function`
+        (the VAE decoder's operations in the forms Inductor makes fast, on a copy of the module that
+        shares its weights; see nodes/acceleration.py). The eager kernels are captured from `function`.
         """
         if signature in self.failures:
             return None
@@ -183,10 +180,15 @@ class GraphCache:
             self.say(f"{self.part}: the model's weights moved since capture (re-patched or reloaded); re-capturing")
             del self.graphs[signature]
             graph = None
+        job = self.compiling.get(signature)
+        if job is not None and job.done():
+            del self.compiling[signature]
+            graph = self._capture_compiled(signature, job, inputs, module) or graph
         if graph is None:
-            graph = self._capture(signature, function, inputs, module, tracing_context)
+            graph = self._capture(signature, function, inputs, module)
             if graph is None:
                 return None
+            self._compile_in_background(signature, compiler_form() if compiler_form else function, inputs)
         self.graphs.move_to_end(signature)
         try:
             return graph(inputs)
@@ -218,39 +220,59 @@ class GraphCache:
         graph = self.graphs.get(signature)
         return graph is not None and self._weights_still_captured(graph)
 
-    def _capture(self, signature, function, inputs, module, tracing_context=None) -> CapturedGraph | None:
-        while len(self.graphs) >= self.max_shapes:
-            self.graphs.popitem(last=False)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        if self.compile_backend is not None:
-            # Said before the wait, which is long enough to look like a hang in the console.
-            log.info("FewStepAccelerate: compiling the %s for %s with torch.compile, then capturing it; the first "
-                     "time for a model and size this takes a minute or two", self.part, describe(signature))
-            # Compiling is an optimisation: where it fails, the eager kernels are captured instead.
-            try:
-                return self._keep(signature, CapturedGraph(function, inputs, module, self._pool, self.autotune,
-                                                           self.compile_backend, tracing_context))
-            except self.passthrough:
-                raise
-            except CompileFailed as error:
-                if isinstance(error.__cause__, self.passthrough):
-                    raise error.__cause__
-                self.compile_backend = None  # the compiler itself failed: it would at every shape
-                self.say(f"{self.part}: torch.compile failed ({error}); capturing the eager kernels from now on")
-            except Exception as error:
-                keep_failed_capture(error)
-                how = "for this shape"
-                if allocator_backend() == STREAM_ORDERED_ALLOCATOR:
-                    # It would fail the same way at every shape, each time after minutes of compiling.
-                    self.compile_backend = None
-                    how = (f"from now on (under the {STREAM_ORDERED_ALLOCATOR} allocator; start ComfyUI with "
-                           f"{NATIVE_ALLOCATOR_FLAG} for compiled graphs)")
-                self.say(f"{self.part}: the compiled kernels could not be captured for {describe(signature)} "
-                         f"({first_line(error)}); capturing the eager kernels {how}")
-            torch.cuda.synchronize()
+    def _compile_in_background(self, signature, function, inputs) -> None:
+        if (self.compile_backend is None or signature in self.compiling or signature in self.compile_failures
+                or self.graphs[signature].compiled):
+            return
+        self.compiling[signature] = WORKER.submit(CompileJob(self.part, signature, function, inputs,
+                                                             self.compile_backend))
+        # Said once per shape: the log then shows when the compiled graph took over.
+        log.info("FewStepAccelerate: %s for %s runs on a CUDA graph of the eager kernels now; torch.compile "
+                 "compiles it in the background (minutes for SDXL the first time, less with Inductor's cache "
+                 "warm) and later runs switch to the compiled graph", self.part, describe(signature))
+
+    def _capture_compiled(self, signature, job: CompileJob, inputs, module) -> CapturedGraph | None:
+        """The compiled code of a finished job captured for `inputs`, replacing the eager-kernel graph;
+        None where it cannot be (said, and the eager-kernel graph stays)."""
+        if job.error is not None:
+            if isinstance(job.error, self.passthrough):
+                return None  # interrupted: the next new shape compiles again
+            self.compile_failures[signature] = first_line(job.error)
+            self.say(f"{self.part}: torch.compile failed for {describe(signature)} ({first_line(job.error)}); "
+                     "this shape stays on the graph of the eager kernels")
+            return None
+        runs_before = job.compiled_runs
         try:
-            graph = CapturedGraph(function, inputs, module, self._pool, self.autotune)
+            graph = CapturedGraph(job.runnable(), inputs, module, self.pool, self.autotune, compiled=True,
+                                  warmup_runs=COMPILED_WARMUP_RUNS,
+                                  before_capture=lambda: job.check_compiled_code_ran(runs_before))
+        except self.passthrough:
+            raise
+        except Exception as error:
+            keep_failed_capture(error)
+            self.compile_failures[signature] = first_line(error)
+            how = "for this shape"
+            if allocator_backend() == STREAM_ORDERED_ALLOCATOR and not isinstance(error, CompiledCodeNotUsed):
+                self.compile_backend = None  # it would fail the same way at every shape
+                how = (f"from now on (under the {STREAM_ORDERED_ALLOCATOR} allocator; start ComfyUI with "
+                       f"{NATIVE_ALLOCATOR_FLAG} for compiled graphs)")
+            self.say(f"{self.part}: the compiled kernels could not be captured for {describe(signature)} "
+                     f"({first_line(error)}); keeping the graph of the eager kernels {how}")
+            torch.cuda.synchronize()
+            return None
+        self.graphs.pop(signature, None)  # the eager-kernel graph's memory goes back to the pool
+        return self._keep(signature, graph, job.seconds)
+
+    def _capture(self, signature, function, inputs, module) -> CapturedGraph | None:
+        while len(self.graphs) >= self.max_shapes:
+            dropped, _ = self.graphs.popitem(last=False)
+            job = self.compiling.pop(dropped, None)
+            if job is not None:
+                job.cancelled = True  # not started yet: skipped; running: its result unused
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        try:
+            graph = CapturedGraph(function, inputs, module, self.pool, self.autotune)
         except self.passthrough:
             raise
         except Exception as error:  # an op that cannot be captured: this shape runs eagerly from now on
@@ -266,14 +288,18 @@ class GraphCache:
         self.say(f"{self.part}: {what} ({reason}); running eager for this shape")
         torch.cuda.synchronize()
 
-    def _keep(self, signature, graph: CapturedGraph) -> CapturedGraph:
+    def _keep(self, signature, graph: CapturedGraph, compile_seconds: float | None = None) -> CapturedGraph:
         self.graphs[signature] = graph
-        record = CaptureRecord(self.part, signature, graph.capture_seconds, graph.compiled)
+        record = CaptureRecord(self.part, signature, graph.capture_seconds, graph.compiled, compile_seconds)
         self.captures.append(record)
         how = [what for what, used in (("compiled", graph.compiled), ("cuDNN autotuned", self.autotune)) if used]
         log.info("FewStepAccelerate: captured %s CUDA graph for %s in %.2f s%s; replayed for every later "
-                 "call of this shape", self.part, describe(signature), graph.capture_seconds,
-                 f" ({', '.join(how)})" if how else "", extra={"fewstep_capture": record})
+                 "call of this shape%s", self.part, describe(signature), graph.capture_seconds,
+                 f" ({', '.join(how)})" if how else "",
+                 f" (compiled in the background in {compile_seconds:.1f} s)" if compile_seconds is not None else "",
+                 extra={"fewstep_capture": record})
+        if self.on_change is not None:
+            self.on_change()
         return graph
 
     def eager(self, reason: str) -> None:

@@ -1,0 +1,157 @@
+"""torch.compile off the prompt's path: a worker thread compiles each part for each input shape while
+prompts keep running on CUDA graphs of the eager kernels; the compiled code is captured once it is ready.
+
+Compiling the SDXL UNet for one shape takes minutes; capturing its eager kernels takes under a second.
+So the first prompt of a new size never waits for the compiler. Dynamo compiles by running the
+function, so the worker runs it on copies of the inputs, on its own CUDA stream, under the grad and
+inference modes of the prompt that asked (Dynamo guards on them, and they are per thread). The
+prompt thread then calls the compiled function through `torch._dynamo.run`, which uses compiled code
+but never compiles: if a guard no longer matches, the function runs eagerly instead of compiling
+on the prompt's time, and the job sees that its compiled code did not run.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import queue
+import threading
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from .compiler import COMPILE_OPTIONS, COMPILE_CONFIG
+
+# The first run compiles (Inductor also times its kernels' launch configurations there); the second
+# runs the finished code once, so the prompt thread's capture finds nothing left to do.
+COMPILE_RUNS = 2
+
+
+class CompiledCodeNotUsed(RuntimeError):
+    """The compiled code's guards did not match the call that was to capture it."""
+
+
+class CompileJob:
+    """One function compiled for one set of input shapes, on the worker thread."""
+
+    def __init__(self, part: str, signature: tuple, function: Callable[..., torch.Tensor],
+                 inputs: Sequence[torch.Tensor | None], backend):
+        self.part, self.signature = part, signature
+        self.inputs = [None if x is None else x.clone() for x in inputs]
+        self.grad_enabled = torch.is_grad_enabled()
+        self.inference_mode = torch.is_inference_mode_enabled()
+        self.compiled_runs = 0  # calls of the compiled graphs, whichever thread makes them
+        self.compiled = torch.compile(function, backend=self._counting(backend), dynamic=False, fullgraph=False)
+        self.error: BaseException | None = None
+        self.seconds: float | None = None
+        self.cancelled = False
+        self._done = threading.Event()
+
+    def _counting(self, backend):
+        """`backend`, with each graph it compiles counting its calls in `compiled_runs`."""
+        backend = backend_function(backend)
+
+        def compile_counting(graph_module, example_inputs):
+            compiled = backend(graph_module, example_inputs)
+
+            @functools.wraps(compiled)
+            def run(*args):
+                self.compiled_runs += 1
+                return compiled(*args)
+
+            return run
+
+        return compile_counting
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def run(self) -> None:
+        """On the worker thread: compile, run the compiled code once more, release the inputs."""
+        started = time.perf_counter()
+        try:
+            if not self.cancelled:
+                settings = {key: value for key, value in COMPILE_CONFIG.items() if hasattr(torch._dynamo.config, key)}
+                device = next((x.device for x in self.inputs if x is not None), torch.device("cpu"))
+                # Its own stream: the prompt thread may be capturing a graph meanwhile, and work on the
+                # legacy default stream would synchronise with the capturing stream and break it.
+                stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+                with (torch.inference_mode(self.inference_mode), torch.set_grad_enabled(self.grad_enabled),
+                      torch._dynamo.config.patch(**settings),
+                      torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+                    for _ in range(COMPILE_RUNS):
+                        self.compiled(*self.inputs)
+                if stream is not None:
+                    stream.synchronize()
+        except BaseException as error:  # reported by the cache on the prompt thread, never raised here
+            self.error = error
+        finally:
+            self.inputs = None  # the copies' memory goes back before anyone waits on this job
+            self.seconds = time.perf_counter() - started
+            self._done.set()
+
+    def runnable(self) -> Callable[..., torch.Tensor]:
+        """The compiled function as the prompt thread calls it: compiled code only, never a compile."""
+        return torch._dynamo.run(self.compiled)
+
+    def check_compiled_code_ran(self, runs_before: int) -> None:
+        if self.compiled_runs == runs_before:
+            raise CompiledCodeNotUsed(
+                "the compiled code's guards did not match the prompt's call (the model or its settings "
+                "changed while it compiled)")
+
+
+def backend_function(backend):
+    """A torch.compile backend name as the function Dynamo calls; Inductor with COMPILE_OPTIONS."""
+    if backend == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return functools.partial(compile_fx, config_patches=COMPILE_OPTIONS)
+    return torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+
+
+class CompileWorker:
+    """One daemon thread running CompileJobs in turn.
+
+    One at a time: two compiles at once would not finish sooner (they share the CPU and the GIL) and
+    would each hold a copy of the activations. A daemon thread, so that a server stopped mid-compile
+    exits at once instead of waiting minutes for it.
+    """
+
+    def __init__(self):
+        self._queue: queue.Queue[CompileJob] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: CompileJob) -> CompileJob:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="fewstep-compile", daemon=True)
+                self._thread.start()
+        self._queue.put(job)
+        return job
+
+    def wait_until_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted job has finished (for benchmarks and tests); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(remaining)
+        return True
+
+    def _serve(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                job.run()
+            finally:
+                self._queue.task_done()
+
+
+WORKER = CompileWorker()
