@@ -57,7 +57,11 @@ def run_case(case: str) -> str:
             graph.replay()
             return f"captured; {agreement(out, eager)}"
         if case == "by_address":
-            captured = graphs.CapturedGraph(module, [x], module, torch.cuda.graph_pool_handle(), True, "inductor")
+            from comfyui_fewstep.fewstep.acceleration import compile_for_one_shape
+
+            compiled = compile_for_one_shape(module)
+            compiled(x)  # compiles here; FewStepAccelerate does this on its compile worker
+            captured = graphs.CapturedGraph(compiled, [x], module, torch.cuda.graph_pool_handle(), True, compiled=True)
             return f"captured; {agreement(captured([x]).clone(), eager)}"
         def syncs_inside(value):
             hidden = module(value)
