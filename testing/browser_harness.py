@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -35,6 +36,8 @@ FRONTEND_SETTINGS = {
 }
 
 EXTENSION_NAME = "FewStep.ReferenceDefaults"
+IMAGE_OUTPUT_NODES = ("SaveImage", "PreviewImage")
+RUN_TIMEOUT_MS = 240_000
 
 
 def find_chromium() -> str | None:
@@ -103,29 +106,6 @@ VISIBLE_DIALOGS_JS = """
   .filter(el => el.offsetParent !== null || el.getClientRects().length)
   .map(el => (el.innerText || '').trim().slice(0, 2000))
 """
-
-# A point on the screen for a place in a node, after centring the view on the node at scale 1.
-NODE_POINT_JS = """
-({ id, widget, fx, slot }) => {
-  const node = app.graph.getNodeById(id);
-  if (!node) throw new Error(`no node ${id}`);
-  const canvas = app.canvas;
-  let x, y;
-  if (widget) {
-    const w = node.widgets.find(w => w.name === widget);
-    if (!w) throw new Error(`node ${id} has no widget ${widget}`);
-    const height = w.computedHeight ?? LiteGraph.NODE_WIDGET_HEIGHT;
-    x = node.pos[0] + (typeof fx === 'number' && fx > 1 ? fx : node.size[0] * (fx ?? 0.5));
-    y = node.pos[1] + w.y + height / 2;
-  } else {
-    [x, y] = node.getConnectionPos(slot.input, slot.index);
-  }
-  const [cx, cy] = canvas.ds.convertOffsetToCanvas([x, y]);
-  const rect = canvas.canvas.getBoundingClientRect();
-  return { x: rect.left + cx, y: rect.top + cy };
-}
-"""
-
 
 def next_frames_js(frames: int = 2) -> str:
     """A page function that resolves after `frames` animation frames: the canvas has drawn."""
@@ -198,6 +178,62 @@ class Frontend:
         page.get_by_test_id(f"template-workflow-{name}").wait_for(state="detached")
         self.frames()
 
+    # --- workflows -----------------------------------------------------------------------------
+    def wait_for_graph(self, workflow: dict) -> None:
+        """The canvas holds the workflow's nodes (types and count): the load has finished."""
+        expected = sorted(node["type"] for node in workflow["nodes"])
+        self.page.wait_for_function(
+            "types => JSON.stringify(app.graph.nodes.map(n => n.type).sort()) === JSON.stringify(types)",
+            arg=expected,
+        )
+        self.frames()
+
+    def load_workflow(self, workflow_json: str) -> None:
+        """Open a workflow file's text as dropping the file on the canvas does (app.loadGraphData)."""
+        self.clear_record()
+        self.page.evaluate("text => app.loadGraphData(JSON.parse(text))", workflow_json)
+        self.wait_for_graph(json.loads(workflow_json))
+        assert self.problems() == [], "opening the workflow showed a dialog or warning"
+
+    def shrink_latents(self) -> None:
+        """CPU: image sizes become CPU_TEST_SIZE² (set as saved values are, not as a hand change):
+        SDXL-sized latents, or an img2img input scaled to 512², would cost minutes of VAE work per
+        workflow on 2 cores."""
+        from workflow_models import CPU_TEST_SIZE
+
+        for node_type in ("EmptyLatentImage", "ImageScale"):
+            for node_id in self.node_ids(node_type):
+                self.set_widget_values(node_id, {"width": CPU_TEST_SIZE, "height": CPU_TEST_SIZE})
+
+    def run(self) -> list[dict]:
+        """Press Run; wait for every image output node to show its image. Returns what they show."""
+        self.frame_graph()  # the output nodes in view: the canvas loads a node's images as it draws it
+        self.clear_record()
+        self.page.get_by_role("button", name="Run", exact=True).first.click()
+        outcome = self.page.wait_for_function(
+            """outputTypes => {
+                 const record = window.__fewstepRecord;
+                 const failed = record.events.find(e => e.type === 'execution_error' || e.type === 'execution_interrupted');
+                 if (failed) return { failed: JSON.stringify(failed.detail).slice(0, 3000) };
+                 if (record.dialogs.length) return { failed: 'dialog: ' + record.dialogs.join(' | ') };
+                 if (!record.events.some(e => e.type === 'execution_success')) return false;
+                 const outputs = app.graph.nodes.filter(n => outputTypes.includes(n.type) && n.mode === 0);
+                 if (!outputs.length) return { failed: 'the workflow has no image output node' };
+                 const shown = outputs.every(n => n.imgs?.length && n.imgs.every(i => i.complete && i.naturalWidth > 0));
+                 return shown && { images: outputs.map(n => ({ id: n.id, type: n.type,
+                   shown: n.imgs.map(i => ({ src: i.src, width: i.naturalWidth, height: i.naturalHeight })) })) };
+               }""",
+            arg=list(IMAGE_OUTPUT_NODES), timeout=RUN_TIMEOUT_MS, polling=250,
+        ).json_value()
+        assert "failed" not in outcome, f"the run failed: {outcome['failed']}\n{self.problems()}"
+        return outcome["images"]
+
+    def wait_for_badge(self, node_id: int, text: str) -> None:
+        """web/fewstep.js's reference badge on the node reads `text`."""
+        self.page.wait_for_function(
+            "([id, text]) => app.graph.getNodeById(id)?.fewstepReference === text", arg=[node_id, text], timeout=10_000
+        )
+
     # --- the canvas ------------------------------------------------------------------------------
     def node_ids(self, node_type: str) -> list[int]:
         return self.page.evaluate("t => app.graph.nodes.filter(n => n.type === t).map(n => n.id)", node_type)
@@ -219,42 +255,6 @@ class Frontend:
                  node.setDirtyCanvas(true, true); }""",
             [node_id, values],
         )
-
-    def centre_on(self, node_id: int) -> None:
-        self.page.evaluate(
-            "id => { const node = app.graph.getNodeById(id); app.canvas.ds.scale = 1; app.canvas.centerOnNode(node); app.canvas.setDirty(true, true); }",
-            node_id,
-        )
-        self.frames()
-
-    def point(self, node_id: int, widget: str | None = None, fx: float | None = None,
-              slot: dict | None = None) -> tuple[float, float]:
-        where = self.page.evaluate(NODE_POINT_JS, {"id": node_id, "widget": widget, "fx": fx, "slot": slot})
-        return where["x"], where["y"]
-
-    def choose(self, node_id: int, widget: str, value: str) -> None:
-        """Click a combo widget and pick `value` from the menu LiteGraph opens."""
-        self.centre_on(node_id)
-        self.page.mouse.click(*self.point(node_id, widget))
-        menu = self.page.locator(".litecontextmenu")
-        menu.get_by_text(value, exact=True).click()
-        menu.wait_for(state="detached")
-        self.frames()
-
-    def step(self, node_id: int, widget: str, direction: int) -> None:
-        """Click a number widget's left (−1) or right (+1) arrow."""
-        self.centre_on(node_id)
-        width = self.page.evaluate("id => app.graph.getNodeById(id).size[0]", node_id)
-        self.page.mouse.click(*self.point(node_id, widget, fx=20 if direction < 0 else width - 20))
-        self.frames()
-
-    def drag(self, start: tuple[float, float], end: tuple[float, float]) -> None:
-        mouse = self.page.mouse
-        mouse.move(*start)
-        mouse.down()
-        mouse.move(*end, steps=12)
-        mouse.up()
-        self.frames()
 
     def frame_graph(self, region=(80, 104, 1264, 660)) -> None:
         """Fit every node (titles and badges included) into `region` of the screen (left, top, right,
@@ -287,92 +287,94 @@ class Frontend:
         self.page.screenshot(path=str(path), scale="device" if full_resolution else "css")
         return path
 
-    def close_other_workflows(self) -> None:
-        """Close every workflow tab but the active one (through the frontend's workflow store, which
-        asks nothing), so a screenshot's tab bar does not depend on what was opened before."""
-        self.page.evaluate(
-            """async () => {
-                 const store = app.extensionManager.workflow;
-                 for (const workflow of [...store.openWorkflows])
-                   if (workflow !== store.activeWorkflow) await store.closeWorkflow(workflow);
-               }"""
-        )
-        self.page.wait_for_function("app.extensionManager.workflow.openWorkflows.length === 1")
-        self.frames()
 
-    def hide_job_summary(self) -> None:
-        """Hide the job queue's "1 job completed" summary, which every page shows after any run on the
-        server, so README screenshots show the workflow alone."""
-        # Opacity, not visibility: the summary's children set their own visibility.
-        self.page.evaluate(
-            """() => {
-                 if (!document.getElementById('fewstep-hide-job-summary')) {
-                   const style = document.createElement('style');
-                   style.id = 'fewstep-hide-job-summary';
-                   style.textContent = '[data-fewstep-hidden] { opacity: 0 !important; }';
-                   document.head.append(style);
-                 }
-                 for (const button of document.querySelectorAll('button[aria-label="Expand job queue"]'))
-                   if (/\\bjobs? (completed|failed)\\b/.test(button.innerText))
-                     button.parentElement.parentElement.setAttribute('data-fewstep-hidden', '');
-               }"""
-        )
-        self.frames()
+def reference_badge(family: str, steps=None, cfg=None, eta=None) -> str:
+    """The badge web/fewstep.js shows, spelled out independently: "lightning: 4 steps, cfg 1"."""
+    from comfyui_fewstep.fewstep.families import FAMILIES
+
+    definition = FAMILIES[family]
+    steps = definition.default_steps if steps is None else steps
+    cfg = definition.default_cfg if cfg is None else cfg
+    eta = definition.default_eta if eta is None else eta
+    text = f"{family}: {steps} step{'' if steps == 1 else 's'}"
+    if definition.only_steps:
+        text += " only"
+    text += f", cfg {cfg:g}"
+    if eta is not None and eta != -1:  # the eta inputs' "use the family's reference"
+        text += f", eta {eta:g}"
+    return text
 
 
-# Measured: retakes of the 13 workflow screenshots gave 0 visibly changed pixels (up to 8,779 raw
-# ones); the first sentence of a workflow's note reworded gave 136, one digit drawn into a widget 39.
-SAME_PICTURE_MAX_CHANGED_PIXELS = 16
+# --- fixtures: the browser test modules name this file in `pytest_plugins`, so pytest registers these
+# once and every module shares the session's server and browser -------------------------------------
+
+# A tiny SDXL UNet under a name FewStep's loader reads as SDXL-Lightning 2-step (fewstep.detection).
+DETECTED_UNET = "sdxl_lightning_2step_unet.safetensors"
 
 
-def save_small_png(source: Path, target: Path, max_bytes: int = 250_000,
-                   max_changed_pixels: int = SAME_PICTURE_MAX_CHANGED_PIXELS) -> Path:
-    """Write `source` to `target` at the viewport's size as a palette PNG (UI screenshots have few
-    colours), unless `target` already holds the same picture, so re-running the tests leaves the
-    committed file be."""
-    from PIL import Image
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A `main.py --cpu` server with the test user's settings and tiny stand-ins under every file name
+    the example workflows load, and DETECTED_UNET."""
+    from comfy_harness import ComfyServer, comfyui_on_path, make_base_directory, require_comfyui
+    from workflow_models import install_stand_ins
 
-    image = Image.open(source).convert("RGB")
-    size = (VIEWPORT["width"], VIEWPORT["height"])
-    if image.size != size:
-        image = image.resize(size, Image.Resampling.LANCZOS)
-    quantised = image.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-    if target.is_file():
-        with Image.open(target) as existing:
-            if existing.size == quantised.size and visibly_changed_pixels(existing, quantised) <= max_changed_pixels:
-                return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    quantised.save(target, optimize=True)
-    if target.stat().st_size > max_bytes:
-        raise AssertionError(f"{target} is {target.stat().st_size} bytes, over {max_bytes}")
-    return target
+    from comfyui_fewstep.fewstep.workflow_api import ui_workflow_to_prompt
 
+    comfyui = require_comfyui()
+    require_browser()
+    comfyui_on_path(comfyui)  # tiny_models builds with ComfyUI's key maps
+    import tiny_models
 
-def visibly_changed_pixels(before, after) -> int:
-    """Pixels whose grey level moved by more than 32 of 255 once both pictures are blurred by 0.7 px.
-
-    From run to run Chromium antialiases text and edges a little differently and the palette is
-    chosen anew: thousands of pixels change by a few levels, on single-pixel edges (a visually
-    identical retake differed in 8,779 raw pixels, none by more than 64 levels). The slight blur
-    takes single-pixel speckle under the threshold; changed text, a widget value or a moved node is
-    strong contrast over several pixels and stays above it. (A 1.5 px blur also hid a reworded
-    sentence in a note's small print.)"""
-    from PIL import ImageChops, ImageFilter
-
-    blur = ImageFilter.GaussianBlur(0.7)
-    difference = ImageChops.difference(before.convert("L").filter(blur), after.convert("L").filter(blur))
-    return difference.point(lambda value: 255 if value > 32 else 0).histogram()[255]
+    base = make_base_directory(tmp_path_factory.mktemp("browser_base"))
+    write_frontend_settings(base)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with ComfyServer(comfyui, base, log_path=ARTIFACTS / "server.log") as running:
+        object_info = running.get("/object_info")
+        for path in sorted((PACK_ROOT / "example_workflows").glob("*.json")):
+            install_stand_ins(ui_workflow_to_prompt(json.loads(path.read_text()), object_info), base)
+        unet = tiny_models.build_sdxl(base / "models")
+        unets = base / "models" / "diffusion_models"
+        tiny_models._link((unets / unet.unet_name).resolve(), unets / DETECTED_UNET)
+        yield running
 
 
-def save_thumbnail(screenshot: Path, target: Path, width: int = 640) -> Path:
-    """The templates browser's card picture (it asks for example_workflows/<name>.jpg): the README
-    screenshot at `width`, rewritten only when that screenshot is newer, so a re-run changes nothing."""
-    from PIL import Image
+@pytest.fixture(scope="session")
+def browser(server):
+    from playwright.sync_api import sync_playwright
 
-    if target.is_file() and target.stat().st_mtime >= screenshot.stat().st_mtime:
-        return target
-    with Image.open(screenshot) as image:
-        image = image.convert("RGB")
-        image = image.resize((width, round(image.height * width / image.width)), Image.Resampling.LANCZOS)
-        image.save(target, quality=82, optimize=True)
-    return target
+    chromium = require_browser()
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+def open_page(browser, server, device_scale_factor: float = 1):
+    """A new browser context with the frontend open and ready; close its `.page.context` when done."""
+    context = browser.new_context(viewport=VIEWPORT, device_scale_factor=device_scale_factor)
+    context.set_default_timeout(60_000)
+    frontend = Frontend(context.new_page(), server.url)
+    frontend.open()
+    return frontend
+
+
+@pytest.fixture(scope="module")
+def module_page(browser, server):
+    frontend = open_page(browser, server)
+    yield frontend
+    frontend.page.context.close()
+
+
+@pytest.fixture
+def frontend(module_page, request):
+    """The module's page, reloaded when an earlier test left an error or a dialog behind."""
+    if module_page.page_errors or module_page.problems():
+        module_page.reload()
+    module_page.clear_record()
+    module_page.page.evaluate("app.extensionManager.toast.removeAll()")
+    yield module_page
+    name = re.sub(r"[^\w.-]+", "_", request.node.name)
+    module_page.screenshot(ARTIFACTS / f"{name}-end.png")
+    fewstep_errors = [error for error in module_page.page_errors if "fewstep" in error.lower()]
+    assert not fewstep_errors, f"uncaught errors from web/fewstep.js: {fewstep_errors}"
