@@ -157,6 +157,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=("full", "tiny"), default="full",
                         help="tiny: the tests' stand-ins, on the CPU where there is no GPU (a check of this script)")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # main.py runs in ComfyUI's folder
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "inductor-cache"
     if args.cold and cache.exists():
