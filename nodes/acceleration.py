@@ -224,9 +224,9 @@ class FewStepAccelerate(io.ComfyNode):
                     "Put this node last on the model path, right before the sampler.")),
                 io.Vae.Input("vae", tooltip="The VAE whose decode is captured; connect the output to VAE Decode."),
                 io.Boolean.Input("autotune_convolutions", default=True, tooltip=(
-                    "Let cuDNN time the convolution algorithms for each shape while capturing (adds a few "
-                    "seconds to the first run, the choice is kept in the graph). Off: cuDNN's heuristic "
-                    "choice, the same kernels as eager.")),
+                    "Let cuDNN time the convolution algorithms for each shape, in the background (tens of "
+                    "seconds for SDXL; the first runs use cuDNN's heuristic choice meanwhile), and capture its "
+                    "choice. Off: cuDNN's heuristic choice, the same kernels as eager.")),
                 io.Int.Input("max_shapes", default=DEFAULT_MAX_SHAPES, min=1, max=64, tooltip=(
                     "How many image size × batch combinations keep a captured graph each for the UNet "
                     "and the VAE (least recently used dropped): the bound on the GPU memory the graphs hold "
