@@ -160,6 +160,7 @@ def main(argv=None) -> int:
     args.out = args.out.resolve()  # main.py runs in ComfyUI's folder
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "inductor-cache"
+    cache_existed = cache.exists() and any(cache.iterdir())
     if args.cold and cache.exists():
         import shutil
 
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
     server = ComfyServer(comfyui, base, extra_args=tuple(args.flags), log_path=log_path,
                          cpu=not torch.cuda.is_available())
     server.start(timeout=600)
-    results = {"flags": args.flags, "frontend": frontend, "cold_cache": args.cold,
+    results = {"flags": args.flags, "frontend": frontend, "inductor_cache_was_warm": cache_existed and not args.cold,
                "server_start_s": round(time.perf_counter() - started, 2)}
     client = TimedClient(server)
     try:
