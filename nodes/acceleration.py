@@ -223,10 +223,11 @@ class FewStepAccelerate(io.ComfyNode):
                     "The model to sample, LoRAs already applied (ComfyUI fuses them into the weights). "
                     "Put this node last on the model path, right before the sampler.")),
                 io.Vae.Input("vae", tooltip="The VAE whose decode is captured; connect the output to VAE Decode."),
-                io.Boolean.Input("autotune_convolutions", default=True, tooltip=(
-                    "Let cuDNN time the convolution algorithms for each shape, in the background (tens of "
-                    "seconds for SDXL; the first runs use cuDNN's heuristic choice meanwhile), and capture its "
-                    "choice. Off: cuDNN's heuristic choice, the same kernels as eager.")),
+                io.Boolean.Input("autotune_convolutions", default=False, tooltip=(
+                    "Let cuDNN time the convolution algorithms for each shape and capture its choice. It runs "
+                    "on the prompt's time (tens of seconds for SDXL, once per image size and batch, in the "
+                    "capture of the compiled graph where compiling): PyTorch keeps cuDNN's results per thread, "
+                    "so it cannot happen in the background. Off: cuDNN's heuristic choice, the kernels eager uses.")),
                 io.Int.Input("max_shapes", default=DEFAULT_MAX_SHAPES, min=1, max=64, tooltip=(
                     "How many image size × batch combinations keep a captured graph each for the UNet "
                     "and the VAE (least recently used dropped): the bound on the GPU memory the graphs hold "
@@ -246,7 +247,7 @@ class FewStepAccelerate(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, vae, autotune_convolutions=True, max_shapes=DEFAULT_MAX_SHAPES,
+    def execute(cls, model, vae, autotune_convolutions=False, max_shapes=DEFAULT_MAX_SHAPES,
                 compile_kernels=True) -> io.NodeOutput:
         graph_reasons = {reason for reason in (cuda_graph_unavailable_reason(model.load_device),
                                                cuda_graph_unavailable_reason(vae.device)) if reason}

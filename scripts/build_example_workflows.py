@@ -144,15 +144,15 @@ WORKFLOWS = [
              ]),
     Workflow("sdxl_turbo_1step_accelerated",
              "## SDXL-Turbo · 1 step · accelerated\n\nSDXL-Turbo's text-to-image workflow with Few-Step "
-             "Accelerate between the checkpoint and the sampler: the UNet and the VAE decode are compiled "
-             "(torch.compile) and replayed as CUDA graphs. The first run of a size compiles (about two "
-             "minutes for SDXL, under one once Inductor's cache is warm); later runs took 27 ms on an H200, "
-             "against 73 ms without it (bench/RESULTS.md). On a CPU, with a ControlNet or with model "
-             "patches it runs eagerly and says why.\n\n"
+             "Accelerate between the checkpoint and the sampler: the UNet and the VAE decode are replayed as "
+             "CUDA graphs and compiled (torch.compile) in the background. The first run of a size does not "
+             "wait for the compiler: it runs on graphs of the eager kernels, and later runs switch to the "
+             "compiled graphs when they are ready (minutes for SDXL with an empty cache; README, Speed). On a "
+             "CPU, with a ControlNet or with model patches it runs eagerly and says why.\n\n"
              + download([f"`models/checkpoints/{SDXL_TURBO}` — stabilityai/sdxl-turbo"]), [
                  N("ckpt", "CheckpointLoaderSimple", {"ckpt_name": SDXL_TURBO}, column=0),
                  N("accel", "FewStepAccelerate",
-                   {"autotune_convolutions": True, "max_shapes": 4, "compile_kernels": True},
+                   {"autotune_convolutions": False, "max_shapes": 4, "compile_kernels": True},
                    {"model": ("ckpt", "MODEL"), "vae": ("ckpt", "VAE")}, 0, "Few-Step Accelerate"),
                  *sdxl_text("ckpt"),
                  empty_latent(512),

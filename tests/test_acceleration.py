@@ -143,9 +143,8 @@ class Interrupted(Exception):
 class FinishedJob:
     """A CompileJob the worker has finished, as told (compile error or not)."""
 
-    def __init__(self, error=None, backend=COMPILE_BACKEND, autotune=True):
+    def __init__(self, error=None):
         self.error, self.seconds, self.compiled_runs = error, 1.0, 0
-        self.backend, self.autotune = backend, autotune
 
     def done(self):
         return True
@@ -157,7 +156,6 @@ class FinishedJob:
         pass
 
 
-@pytest.mark.parametrize("backend", [COMPILE_BACKEND, None])  # None: cuDNN's autotuning only
 @pytest.mark.parametrize("compile_error, compiled_capture, plain, outputs, compiler_kept", [
     (None, None, None, ["plain", "compiled"], True),
     (CompileFailed("ValueError: no kernel"), None, None, ["plain", "plain"], True),  # stays on the plain graph
@@ -165,7 +163,7 @@ class FinishedJob:
     (None, None, RuntimeError("not capturable"), [None, None], True),  # not even the eager kernels: eager
 ])
 def test_graph_cache_captures_eager_kernels_at_once_and_the_compiled_code_when_ready(
-        monkeypatch, backend, compile_error, compiled_capture, plain, outputs, compiler_kept):
+        monkeypatch, compile_error, compiled_capture, plain, outputs, compiler_kept):
     """GraphCache's order, with CapturedGraph (CUDA-only) and the compile worker replaced by stand-ins
     that fail as told: the first call captures the eager kernels and submits a compile; a call after
     the compile finished captures its code in place of the eager graph, or keeps the eager graph."""
@@ -187,30 +185,51 @@ def test_graph_cache_captures_eager_kernels_at_once_and_the_compiled_code_when_r
     class Worker:
         def submit(self, job):
             submitted.append(job)
-            function, backend, autotune = job
-            return FinishedJob(compile_error, backend, autotune)
+            return FinishedJob(compile_error)
 
     monkeypatch.setattr(graphs, "CapturedGraph", CapturedGraphFailingAsTold)
     monkeypatch.setattr(graphs, "WORKER", Worker())
-    monkeypatch.setattr(graphs, "CompileJob", lambda part, signature, function, inputs, backend, autotune:
-                        (function, backend, autotune))
+    monkeypatch.setattr(graphs, "CompileJob", lambda part, signature, function, inputs, backend: (function, backend))
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    cache = GraphCache("UNet", compile_backend=backend, passthrough=(Interrupted,))
+    cache = GraphCache("UNet", compile_backend=COMPILE_BACKEND, passthrough=(Interrupted,))
     compiler_form = lambda: "the compiler's form"  # noqa: E731 — stands in for the VAE's decoder_for_compiler
     assert [cache.run(("shape",), "eager function", [], torch.nn.Module(), compiler_form) for _ in range(2)] == outputs
     # The eager kernels are captured from the function itself at once, with cuDNN's heuristics; only
-    # the compiler gets its form, and the worker's autotuning is used for the second capture.
+    # the compiler gets its form; cuDNN's autotuning waits for the compiled graph's capture.
     assert captured[0] == ("eager function", False, False)
-    prepared = "the compiler's form" if backend else "eager function"
-    assert submitted == ([] if plain else [(prepared, backend, True)])
-    assert captured[1:] == ([] if plain or compile_error else [("compiled code", backend is not None, True)])
-    assert (cache.compile_backend == backend) == compiler_kept
+    assert submitted == ([] if plain else [("the compiler's form", COMPILE_BACKEND)])
+    assert captured[1:] == ([] if plain or compile_error else [("compiled code", True, True)])
+    assert (cache.compile_backend == COMPILE_BACKEND) == compiler_kept
     assert ("shape",) in cache.failures if plain else not cache.failures
     assert (("shape",) in cache.compile_failures) == bool(compile_error or compiled_capture)
     if compile_error or compiled_capture:
-        failed = "torch.compile failed" if backend else "cuDNN's autotuning failed"
-        assert any((failed if compile_error else "could not be captured") in said for said in cache._said)
+        assert any(("torch.compile failed" if compile_error else "could not be captured") in said
+                   for said in cache._said)
+
+
+def test_graph_cache_without_compiling_autotunes_its_one_capture_and_submits_nothing(monkeypatch):
+    captured = []
+
+    class Graph:
+        def __init__(self, function, inputs, module, pool, autotune, compiled=False, **kwargs):
+            captured.append((function, compiled, autotune))
+            self.compiled, self.autotuned, self.capture_seconds = compiled, autotune, 0.0
+            self.snapshot = WeightSnapshot(module)
+
+        def __call__(self, inputs):
+            return "plain"
+
+    class Worker:
+        def submit(self, job):
+            raise AssertionError("nothing to compile")
+
+    monkeypatch.setattr(graphs, "CapturedGraph", Graph)
+    monkeypatch.setattr(graphs, "WORKER", Worker())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    cache = GraphCache("UNet", autotune=True, compile_backend=None)
+    assert [cache.run(("shape",), "eager function", [], torch.nn.Module()) for _ in range(2)] == ["plain", "plain"]
+    assert captured == [("eager function", False, True)] and not cache.compiling
 
 
 def test_graph_cache_passes_a_cancel_through_instead_of_falling_back(monkeypatch):

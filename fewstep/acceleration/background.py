@@ -1,10 +1,11 @@
-"""torch.compile and cuDNN's autotuning off the prompt's path: a worker thread prepares each part for
-each input shape while prompts keep running on CUDA graphs of the eager kernels with cuDNN's heuristic
-convolution algorithms; the prepared code is captured once it is ready.
+"""torch.compile off the prompt's path: a worker thread compiles each part for each input shape while
+prompts keep running on CUDA graphs of the eager kernels; the compiled code is captured once it is ready.
 
-Compiling the SDXL UNet for one shape takes minutes and cuDNN's benchmark mode tens of seconds (it
-times every algorithm of every convolution shape); capturing the eager kernels takes under a second.
-So the first prompt of a new size waits for neither. Dynamo compiles by running the
+Compiling the SDXL UNet for one shape takes minutes; capturing its eager kernels takes a second or two.
+So the first prompt of a new size never waits for the compiler.
+cuDNN's autotuning cannot move to the worker: PyTorch keeps its benchmark results per thread, and its
+switch (torch.backends.cudnn.benchmark) is process-wide, so setting it there would make the prompt
+thread's own first runs autotune instead. Dynamo compiles by running the
 function, so the worker runs it on copies of the inputs, on its own CUDA stream, under the grad and
 inference modes of the prompt that asked (Dynamo guards on them, and they are per thread). The
 prompt thread then calls the compiled function through `torch._dynamo.run`, which uses compiled code
@@ -34,19 +35,16 @@ class CompiledCodeNotUsed(RuntimeError):
 
 
 class CompileJob:
-    """One function prepared for one set of input shapes on the worker thread: compiled by `backend`
-    (None: not compiled) and, with `autotune`, run once under cuDNN's benchmark mode so that its
-    choice of convolution algorithms is cached for the capture."""
+    """One function compiled by `backend` for one set of input shapes, on the worker thread."""
 
     def __init__(self, part: str, signature: tuple, function: Callable[..., torch.Tensor],
-                 inputs: Sequence[torch.Tensor | None], backend, autotune: bool = False):
-        self.part, self.signature, self.backend, self.autotune = part, signature, backend, autotune
+                 inputs: Sequence[torch.Tensor | None], backend):
+        self.part, self.signature, self.backend = part, signature, backend
         self.inputs = [None if x is None else x.clone() for x in inputs]
         self.grad_enabled = torch.is_grad_enabled()
         self.inference_mode = torch.is_inference_mode_enabled()
         self.compiled_runs = 0  # calls of the compiled graphs, whichever thread makes them
-        self.compiled = (function if backend is None else
-                         torch.compile(function, backend=self._counting(backend), dynamic=False, fullgraph=False))
+        self.compiled = torch.compile(function, backend=self._counting(backend), dynamic=False, fullgraph=False)
         self.error: BaseException | None = None
         self.seconds: float | None = None
         self.cancelled = False
@@ -86,7 +84,6 @@ class CompileJob:
                 stream = torch.cuda.Stream(device) if device.type == "cuda" else None
                 with (torch.inference_mode(self.inference_mode), torch.set_grad_enabled(self.grad_enabled),
                       torch._dynamo.config.patch(**settings),
-                      cudnn_autotuning() if self.autotune else contextlib.nullcontext(),
                       torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
                     for _ in range(COMPILE_RUNS):
                         self.compiled(*self.inputs)
@@ -100,39 +97,14 @@ class CompileJob:
             self._done.set()
 
     def runnable(self) -> Callable[..., torch.Tensor]:
-        """The function as the prompt thread calls it: compiled code only, never a compile."""
-        return self.compiled if self.backend is None else torch._dynamo.run(self.compiled)
+        """The compiled function as the prompt thread calls it: compiled code only, never a compile."""
+        return torch._dynamo.run(self.compiled)
 
     def check_compiled_code_ran(self, runs_before: int) -> None:
-        if self.backend is not None and self.compiled_runs == runs_before:
+        if self.compiled_runs == runs_before:
             raise CompiledCodeNotUsed(
                 "the compiled code's guards did not match the prompt's call (the model or its settings "
                 "changed while it compiled)")
-
-
-_autotuning_lock = threading.Lock()
-_autotuning_users = 0
-_benchmark_before = False
-
-
-@contextlib.contextmanager
-def cudnn_autotuning():
-    """cuDNN's benchmark mode on while any thread is inside; the setting before is restored after the
-    last one leaves. The flag is process-wide: the worker's and a capture's use may overlap, and a
-    plain save-and-restore in each would leave it switched on."""
-    global _autotuning_users, _benchmark_before
-    with _autotuning_lock:
-        if _autotuning_users == 0:
-            _benchmark_before = torch.backends.cudnn.benchmark
-        _autotuning_users += 1
-        torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        with _autotuning_lock:
-            _autotuning_users -= 1
-            if _autotuning_users == 0:
-                torch.backends.cudnn.benchmark = _benchmark_before
 
 
 def backend_function(backend):

@@ -10,7 +10,7 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
-from .background import WORKER, CompiledCodeNotUsed, CompileJob, cudnn_autotuning
+from .background import WORKER, CompiledCodeNotUsed, CompileJob
 from .compiler import NATIVE_ALLOCATOR_FLAG, STREAM_ORDERED_ALLOCATOR, allocator_backend, kernel_launches_by_address
 
 log = logging.getLogger("fewstep.acceleration")
@@ -91,9 +91,12 @@ class CapturedGraph:
         self.static_inputs = [None if x is None else x.clone() for x in inputs]
         self.snapshot = WeightSnapshot(module)
         self.compiled, self.autotuned = compiled, autotune
-        # cuDNN's benchmark mode: where the compile worker already timed this shape's convolutions,
-        # their choice comes from its cache and the capture records it; otherwise heuristics choose.
-        with cudnn_autotuning() if autotune else contextlib.nullcontext():
+        benchmark = torch.backends.cudnn.benchmark
+        # cuDNN's benchmark mode times each convolution's algorithms for this shape during warm-up
+        # and caches the choice, which the capture then records; it is switched back afterwards so
+        # eager code elsewhere in the process is unaffected.
+        torch.backends.cudnn.benchmark = autotune or benchmark
+        try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -109,6 +112,8 @@ class CapturedGraph:
             # invalidate this capture.
             with launches, torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
                 self.static_output = function(*self.static_inputs)
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
         if not isinstance(self.static_output, torch.Tensor):
             raise TypeError(f"captured function returned {type(self.static_output).__name__}, not a tensor")
         torch.cuda.current_stream().synchronize()
@@ -137,9 +142,11 @@ class GraphCache:
     """Captured graphs of one part (the UNet, the VAE decoder) by input signature.
 
     A new signature is captured at once with the eager kernels; with `compile_backend` set, the
-    function is also handed to the compile worker, and with `autotune` cuDNN's algorithm choice is made
-    there too; the first call after the worker finished captures the prepared code in place of the
-    first graph (fewstep.acceleration.background).
+    function is also handed to the compile worker, and the first call after it finished captures the
+    compiled code in place of the first graph (fewstep.acceleration.background). With `autotune`,
+    cuDNN times the convolutions in the capture of the graph that stays: the compiled one where
+    compiling, else the first (a wait of seconds to tens of seconds on the prompt thread, once per shape:
+    PyTorch keeps cuDNN's results per thread, so the worker cannot do it).
     At most `max_shapes` graphs are kept (least recently used dropped). All share one memory pool:
     they never run at once and each output is copied out before the next replay.
     """
@@ -217,35 +224,30 @@ class GraphCache:
         return graph is not None and self._weights_still_captured(graph)
 
     def _prepare_in_background(self, signature, function, compiler_form, inputs) -> None:
-        if (not (self.compile_backend or self.autotune) or signature in self.compiling
+        if (self.compile_backend is None or signature in self.compiling
                 or signature in self.compile_failures or self.graphs[signature].compiled):
             return
-        if self.compile_backend is not None and compiler_form is not None:
-            function = compiler_form()
-        self.compiling[signature] = WORKER.submit(CompileJob(self.part, signature, function, inputs,
-                                                             self.compile_backend, autotune=self.autotune))
-        work = [what for what, used in (("torch.compile compiles it", self.compile_backend),
-                                        ("cuDNN times its convolutions", self.autotune)) if used]
-        # Said once per shape: the log then shows when the prepared graph took over.
-        log.info("FewStepAccelerate: %s for %s runs on a CUDA graph of the eager kernels now; %s in the "
-                 "background (minutes for SDXL the first time, less with Inductor's cache warm) and later runs "
-                 "switch to that graph", self.part, describe(signature), " and ".join(work))
+        self.compiling[signature] = WORKER.submit(CompileJob(self.part, signature, compiler_form() if compiler_form
+                                                             else function, inputs, self.compile_backend))
+        # Said once per shape: the log then shows when the compiled graph took over.
+        log.info("FewStepAccelerate: %s for %s runs on a CUDA graph of the eager kernels now; torch.compile "
+                 "compiles it in the background (minutes for SDXL the first time, less with Inductor's cache "
+                 "warm) and later runs switch to the compiled graph", self.part, describe(signature))
 
     def _capture_prepared(self, signature, job: CompileJob, inputs, module) -> CapturedGraph | None:
-        """The code a finished job prepared, captured for `inputs` in place of the first graph; None
+        """The compiled code of a finished job captured for `inputs` in place of the first graph; None
         where it cannot be (said, and the first graph stays)."""
         if job.error is not None:
             if isinstance(job.error, self.passthrough):
-                return None  # interrupted: the next new shape prepares again
+                return None  # interrupted: the next new shape compiles again
             self.compile_failures[signature] = first_line(job.error)
-            what = "torch.compile" if job.backend is not None else "cuDNN's autotuning"
-            self.say(f"{self.part}: {what} failed for {describe(signature)} ({first_line(job.error)}); "
+            self.say(f"{self.part}: torch.compile failed for {describe(signature)} ({first_line(job.error)}); "
                      "this shape stays on the graph of the eager kernels")
             return None
         runs_before = job.compiled_runs
-        compiled = job.backend is not None
+        compiled = True
         try:
-            graph = CapturedGraph(job.runnable(), inputs, module, self.pool, job.autotune, compiled=compiled,
+            graph = CapturedGraph(job.runnable(), inputs, module, self.pool, self.autotune, compiled=compiled,
                                   warmup_runs=COMPILED_WARMUP_RUNS,
                                   before_capture=lambda: job.check_compiled_code_ran(runs_before))
         except self.passthrough:
@@ -259,8 +261,7 @@ class GraphCache:
                 self.compile_backend = None  # it would fail the same way at every shape
                 how = (f"from now on (under the {STREAM_ORDERED_ALLOCATOR} allocator; start ComfyUI with "
                        f"{NATIVE_ALLOCATOR_FLAG} for compiled graphs)")
-            kernels = "compiled kernels" if compiled else "autotuned kernels"
-            self.say(f"{self.part}: the {kernels} could not be captured for {describe(signature)} "
+            self.say(f"{self.part}: the compiled kernels could not be captured for {describe(signature)} "
                      f"({first_line(error)}); keeping the graph of the eager kernels {how}")
             torch.cuda.synchronize()
             return None
@@ -276,7 +277,8 @@ class GraphCache:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         try:
-            graph = CapturedGraph(function, inputs, module, self.pool, autotune=False)
+            # Where a compiled graph will replace this one, cuDNN's autotuning waits for that capture.
+            graph = CapturedGraph(function, inputs, module, self.pool, autotune=self.autotune and not self.compile_backend)
         except self.passthrough:
             raise
         except Exception as error:  # an op that cannot be captured: this shape runs eagerly from now on
@@ -300,7 +302,7 @@ class GraphCache:
         log.info("FewStepAccelerate: captured %s CUDA graph for %s in %.2f s%s; replayed for every later "
                  "call of this shape%s", self.part, describe(signature), graph.capture_seconds,
                  f" ({', '.join(how)})" if how else "",
-                 f" (prepared in the background in {compile_seconds:.1f} s)" if compile_seconds is not None else "",
+                 f" (compiled in the background in {compile_seconds:.1f} s)" if compile_seconds is not None else "",
                  extra={"fewstep_capture": record})
         if self.on_change is not None:
             self.on_change()
