@@ -15,7 +15,8 @@ client that stays connected, and times every prompt from POST /prompt to its ima
 - `cycle`: `--cycle-prompts` prompts cycling through three sizes × two batch sizes on one
   Few-Step Accelerate node (graphs of the eager kernels, max_shapes 6, so compiling does not run
   for minutes), with the GPU memory nvidia-smi reports for the server after the first pass and
-  every tenth, beside what the node says its graphs hold.
+  every tenth, beside what the node says its graphs hold; then `--evicting-prompts` on a node that
+  keeps 4, so that every new shape drops the least recently used graph.
 
     python3 bench/server_bench.py --phases first outputs cycle --cold --out bench/out/server_bench
     python3 bench/server_bench.py --phases first --out bench/out/server_bench            # restart, warm cache
@@ -129,19 +130,24 @@ def phase_outputs(client: TimedClient, routes: dict, runs: int) -> dict:
     return results
 
 
-def phase_cycle(server: ComfyServer, client: TimedClient, prompt: dict, prompts: int) -> dict:
+def phase_cycle(server: ComfyServer, client: TimedClient, prompt: dict, prompts: int, evicting_prompts: int) -> dict:
+    """`prompts` cycling through CYCLE_SIZES with room for all of them (max_shapes 6), then
+    `evicting_prompts` on a second node with room for 4, which drops a graph at every new shape."""
     prompt, output = with_output(prompt, "FewStepPreviewImage")
-    passes, memory, runs = prompts // len(CYCLE_SIZES), [], []
-    for index in range(passes):
-        for size, batch in CYCLE_SIZES:
-            variant = sized(prompt, size, batch, max_shapes=len(CYCLE_SIZES), compile_kernels=False)
-            runs.append(client.time_prompt(reseeded(variant, 7000 + len(runs)), output))
-        if index == 0 or (index + 1) % 10 == 0 or index == passes - 1:
-            held = HELD.findall(server.log_text())
-            memory.append({"after_pass": index + 1, "server_gpu_mib": process_gpu_memory_mib(server.process.pid),
-                           "node_says_held": f"{held[-1][1]} GiB ({held[-1][0]})" if held else None})
-            print(f"  cycle pass {index + 1}: {memory[-1]}", flush=True)
-    return {"sizes": CYCLE_SIZES, "passes": passes, **summary(runs), "memory": memory}
+    result = {"sizes": CYCLE_SIZES}
+    for label, count, max_shapes in (("cycle", prompts, len(CYCLE_SIZES)), ("evicting", evicting_prompts, 4)):
+        passes, memory, runs = count // len(CYCLE_SIZES), [], []
+        for index in range(passes):
+            for size, batch in CYCLE_SIZES:
+                variant = sized(prompt, size, batch, max_shapes=max_shapes, compile_kernels=False)
+                runs.append(client.time_prompt(reseeded(variant, 7000 + len(runs)), output))
+            if index == 0 or (index + 1) % 10 == 0 or index == passes - 1:
+                held = HELD.findall(server.log_text())
+                memory.append({"after_pass": index + 1, "server_gpu_mib": process_gpu_memory_mib(server.process.pid),
+                               "node_says_held": f"{held[-1][1]} GiB ({held[-1][0]})" if held else None})
+                print(f"  {label} pass {index + 1}: {memory[-1]}", flush=True)
+        result[label] = {"max_shapes": max_shapes, "passes": passes, **summary(runs), "memory": memory}
+    return result
 
 
 def main(argv=None) -> int:
@@ -153,6 +159,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cold", action="store_true", help="empty the Inductor cache first")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--cycle-prompts", type=int, default=300)
+    parser.add_argument("--evicting-prompts", type=int, default=36)
     parser.add_argument("--first-limit-s", type=float, default=420)
     parser.add_argument("--model", choices=("full", "tiny"), default="full",
                         help="tiny: the tests' stand-ins, on the CPU where there is no GPU (a check of this script)")
@@ -200,7 +207,7 @@ def main(argv=None) -> int:
                                                         "TorchCompileModel": with_torch_compile_model(plain)},
                                                args.runs)
         if "cycle" in args.phases:
-            results["cycle"] = phase_cycle(server, client, accelerated, args.cycle_prompts)
+            results["cycle"] = phase_cycle(server, client, accelerated, args.cycle_prompts, args.evicting_prompts)
     finally:
         client.close()
         results["server_alive_at_end"] = server.process.poll() is None
