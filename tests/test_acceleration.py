@@ -10,6 +10,7 @@ wrapper executor, UNet and VAE decoder, in a real sampling run.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import numpy as np
@@ -157,17 +158,18 @@ class FinishedJob:
 
 
 @pytest.mark.parametrize("compile_error, compiled_capture, plain, outputs, compiler_kept", [
-    (None, None, None, ["plain", "compiled"], True),
-    (CompileFailed("ValueError: no kernel"), None, None, ["plain", "plain"], True),  # stays on the plain graph
-    (None, RuntimeError("not capturable"), None, ["plain", "plain"], True),  # this shape's compiled kernels didn't capture
-    (None, None, RuntimeError("not capturable"), [None, None], True),  # not even the eager kernels: eager
+    (None, None, None, ["plain", "plain", "compiled"], True),
+    (CompileFailed("ValueError: no kernel"), None, None, ["plain", "plain", "plain"], True),  # stays on the plain graph
+    (None, RuntimeError("not capturable"), None, ["plain", "plain", "plain"], True),  # compiled kernels didn't capture
+    (None, None, RuntimeError("not capturable"), [None, None, None], True),  # not even the eager kernels: eager
 ])
 def test_graph_cache_captures_eager_kernels_at_once_and_the_compiled_code_when_ready(
         monkeypatch, compile_error, compiled_capture, plain, outputs, compiler_kept):
     """GraphCache's order, with CapturedGraph (CUDA-only) and the compile worker replaced by stand-ins
     that fail as told: the first call captures the eager kernels and submits a compile; a call after
-    the compile finished captures its code in place of the eager graph, or keeps the eager graph."""
-    submitted, captured = [], []
+    the compile finished, at which the worker is not compiling something else, captures its code in
+    place of the eager graph, or keeps the eager graph."""
+    submitted, captured, worker_busy = [], [], [True]  # busy at the second call, idle at the third
 
     class CapturedGraphFailingAsTold:
         def __init__(self, function, inputs, module, pool, autotune, compiled=False, warmup_runs=3,
@@ -187,6 +189,10 @@ def test_graph_cache_captures_eager_kernels_at_once_and_the_compiled_code_when_r
             submitted.append(job)
             return FinishedJob(compile_error)
 
+        @contextlib.contextmanager
+        def paused(self):
+            yield not (worker_busy and worker_busy.pop())
+
     monkeypatch.setattr(graphs, "CapturedGraph", CapturedGraphFailingAsTold)
     monkeypatch.setattr(graphs, "WORKER", Worker())
     monkeypatch.setattr(graphs, "CompileJob", lambda part, signature, function, inputs, backend: (function, backend))
@@ -194,7 +200,7 @@ def test_graph_cache_captures_eager_kernels_at_once_and_the_compiled_code_when_r
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     cache = GraphCache("UNet", compile_backend=COMPILE_BACKEND, passthrough=(Interrupted,))
     compiler_form = lambda: "the compiler's form"  # noqa: E731 — stands in for the VAE's decoder_for_compiler
-    assert [cache.run(("shape",), "eager function", [], torch.nn.Module(), compiler_form) for _ in range(2)] == outputs
+    assert [cache.run(("shape",), "eager function", [], torch.nn.Module(), compiler_form) for _ in range(3)] == outputs
     # The eager kernels are captured from the function itself at once, with cuDNN's heuristics; only
     # the compiler gets its form; cuDNN's autotuning waits for the compiled graph's capture.
     assert captured[0] == ("eager function", False, False)

@@ -198,3 +198,33 @@ def test_no_prompt_waits_for_the_compile_and_the_compiled_graph_takes_over(
                    and "(compiled, cuDNN autotuned)" in message and "compiled in the background in" in message
                    for message in messages)
     assert any("UNet: 1 of at most 4 sizes captured (1 compiled, 0 compiling)" in message for message in messages)
+
+
+def test_compile_worker_is_paused_only_between_jobs():
+    """Compiled code runs on the prompt thread only while no job compiles (torch.fx's tracing flag is
+    process-wide): paused() refuses during a job and holds the next one back while granted."""
+    from comfyui_fewstep.fewstep.acceleration.background import CompileWorker
+
+    worker, started, release, order = CompileWorker(), threading.Event(), threading.Event(), []
+
+    class Job:
+        def __init__(self, name, block=False):
+            self.name, self.block = name, block
+
+        def run(self):
+            order.append(self.name)
+            started.set()
+            if self.block:
+                release.wait(timeout=60)
+
+    worker.submit(Job("first", block=True))
+    assert started.wait(timeout=60)
+    with worker.paused() as paused:
+        assert not paused
+    release.set()
+    assert worker.wait_until_idle(timeout=60)
+    with worker.paused() as paused:
+        assert paused
+        worker.submit(Job("second"))
+        assert not worker.wait_until_idle(timeout=0.5) and order == ["first"]  # held back while paused
+    assert worker.wait_until_idle(timeout=60) and order == ["first", "second"]

@@ -128,6 +128,7 @@ class CompileWorker:
         self._queue: queue.Queue[CompileJob] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._running = threading.Lock()  # held while a job runs
 
     def submit(self, job: CompileJob) -> CompileJob:
         with self._lock:
@@ -152,9 +153,25 @@ class CompileWorker:
         while True:
             job = self._queue.get()
             try:
-                job.run()
+                with self._running:
+                    job.run()
             finally:
                 self._queue.task_done()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Yields True, with no job running until the block ends, or False where a job is running now.
+
+        Compiled code must not run on another thread while the worker compiles: torch.fx marks that
+        it is tracing in a process-wide flag, and Dynamo refuses to run compiled code while it is set
+        ("Detected that you are using FX to symbolically trace a dynamo-optimized function").
+        """
+        acquired = self._running.acquire(blocking=False)
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                self._running.release()
 
 
 WORKER = CompileWorker()

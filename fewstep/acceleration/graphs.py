@@ -185,8 +185,10 @@ class GraphCache:
             graph = None
         job = self.compiling.get(signature)
         if job is not None and job.done():
-            del self.compiling[signature]
-            graph = self._capture_prepared(signature, job, inputs, module) or graph
+            with WORKER.paused() as paused:
+                if paused:  # else the worker is compiling another shape: capture at a later call
+                    del self.compiling[signature]
+                    graph = self._capture_prepared(signature, job, inputs, module) or graph
         if graph is None:
             graph = self._capture(signature, function, inputs, module)
             if graph is None:
