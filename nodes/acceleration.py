@@ -95,11 +95,8 @@ class UNetAccelerator:
     def sampler_sample(self, executor, *args, **kwargs):
         # Models are loaded (and weights patched) before the sampler runs and not during it, so each
         # graph's weights are checked once per sampling run rather than at every step.
-        self.graphs.begin_run()
-        try:
+        with self.graphs.one_run():
             return executor(*args, **kwargs)
-        finally:
-            self.graphs.end_run()
 
 
 class AcceleratedVAE(comfy.sd.VAE):
@@ -129,14 +126,11 @@ class AcceleratedVAE(comfy.sd.VAE):
     def decode(self, samples_in, vae_options={}):
         self.throw_exception_if_invalid()
         # One decode is one run: its graph's weights are checked once, by replayable(), not again by run().
-        self.decode_graphs.begin_run()
-        try:
+        with self.decode_graphs.one_run():
             image = self._decode_by_graph(samples_in, vae_options)
-        finally:
-            self.decode_graphs.end_run()
-        if image is None:
-            return super().decode(samples_in, vae_options)
-        return self._to_output_device(image).movedim(1, -1)
+            if image is None:
+                return super().decode(samples_in, vae_options)
+            return self._to_output_device(image).movedim(1, -1)
 
     def _decode_by_graph(self, samples_in, vae_options):
         """The decoded image, still on the GPU, from a captured graph; None: decode as ComfyUI does."""

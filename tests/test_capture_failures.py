@@ -228,3 +228,24 @@ def test_compile_worker_is_paused_only_between_jobs():
         worker.submit(Job("second"))
         assert not worker.wait_until_idle(timeout=0.5) and order == ["first"]  # held back while paused
     assert worker.wait_until_idle(timeout=60) and order == ["first", "second"]
+
+
+def test_compile_worker_starts_a_job_only_after_the_prompt_threads_runs_have_ended():
+    """Dynamo's tracing holds the GIL: a job waits until no accelerated run (sampling, decode) has
+    been going on for QUIET_SECONDS, so it does not slow the rest of the prompt that submitted it."""
+    import time
+
+    from comfyui_fewstep.fewstep.acceleration.background import ACTIVITY, QUIET_SECONDS, CompileWorker
+
+    worker, started = CompileWorker(), []
+
+    class Job:
+        def run(self):
+            started.append(time.monotonic())
+
+    with ACTIVITY.run():
+        worker.submit(Job())
+        assert not worker.wait_until_idle(timeout=QUIET_SECONDS + 0.5) and not started
+        ended = time.monotonic()
+    assert worker.wait_until_idle(timeout=60)
+    assert started[0] >= ended + QUIET_SECONDS * 0.99

@@ -25,6 +25,46 @@ import torch
 
 from .compiler import COMPILE_OPTIONS, COMPILE_CONFIG
 
+# The worker starts a job only once the prompt thread has been out of every accelerated run (sampling,
+# decode) this long: Dynamo's tracing is Python and holds the GIL, and started in the middle of a
+# prompt it made that prompt's next capture (the VAE decoder's, seconds later) several times slower.
+QUIET_SECONDS = 1.0
+
+
+class PromptActivity:
+    """Whether an accelerated run is going on, and since when none is (for the worker to wait on)."""
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._running = 0
+        self._last_end = 0.0
+
+    @contextlib.contextmanager
+    def run(self):
+        with self._condition:
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._running -= 1
+                self._last_end = time.monotonic()
+                self._condition.notify_all()
+
+    def wait_until_quiet(self, seconds: float) -> None:
+        with self._condition:
+            while True:
+                if self._running == 0:
+                    remaining = self._last_end + seconds - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    self._condition.wait(remaining)
+                else:
+                    self._condition.wait()
+
+
+ACTIVITY = PromptActivity()
+
 # The first run compiles (Inductor also times its kernels' launch configurations there); the second
 # runs the finished code once, so the prompt thread's capture finds nothing left to do.
 COMPILE_RUNS = 2
@@ -153,6 +193,7 @@ class CompileWorker:
         while True:
             job = self._queue.get()
             try:
+                ACTIVITY.wait_until_quiet(QUIET_SECONDS)
                 with self._running:
                     job.run()
             finally:

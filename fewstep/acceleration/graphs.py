@@ -10,7 +10,7 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
-from .background import WORKER, CompiledCodeNotUsed, CompileJob
+from .background import ACTIVITY, WORKER, CompiledCodeNotUsed, CompileJob
 from .compiler import NATIVE_ALLOCATOR_FLAG, STREAM_ORDERED_ALLOCATOR, allocator_backend, kernel_launches_by_address
 
 log = logging.getLogger("fewstep.acceleration")
@@ -204,12 +204,16 @@ class GraphCache:
             self._give_up(signature, f"replay failed for {describe(signature)}", error)
             return None
 
-    def begin_run(self) -> None:
-        """Within one run (a sampling run, a decode) weights don't move: check each graph's once per run."""
+    @contextlib.contextmanager
+    def one_run(self):
+        """One run (a sampling run, a decode): weights don't move within it, so each graph's are checked
+        once; and the compile worker waits for it to end (fewstep.acceleration.background)."""
         self._trusted = set()
-
-    def end_run(self) -> None:
-        self._trusted = None
+        try:
+            with ACTIVITY.run():
+                yield
+        finally:
+            self._trusted = None
 
     def _weights_still_captured(self, graph: CapturedGraph) -> bool:
         if self._trusted is not None and id(graph) in self._trusted:
