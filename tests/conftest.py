@@ -14,7 +14,7 @@ from comfy_harness import COMFYUI_MISSING, COMFYUI_PATH, InProcessComfy, require
 
 
 # Layers (pytest -m): "not integration and not browser" is the fast, ComfyUI-free suite of the pure layer.
-BROWSER_MODULES = {"test_browser"}
+# The browser tests (test_browser_*) mark themselves `browser`.
 # Modules that drive real ComfyUI (servers, installs, benchmarks) without asking for the fixtures below.
 INTEGRATION_MODULES = {"test_install", "test_manager_install", "test_bench", "test_soak", "test_robustness",
                        "test_example_workflows", "test_tiny_models"}
@@ -24,9 +24,9 @@ COMFYUI_FIXTURES = {"comfy", "comfy_server", "sd15", "sdxl", "server_sd15"}
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
-        if module in BROWSER_MODULES:
-            item.add_marker(pytest.mark.browser)
-        elif module in INTEGRATION_MODULES or COMFYUI_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if item.get_closest_marker("browser") is not None:  # the browser modules mark themselves
+            continue
+        if module in INTEGRATION_MODULES or COMFYUI_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
 
 
