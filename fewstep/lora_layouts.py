@@ -4,8 +4,9 @@ Canonical = kohya's names ("lora_unet_<diffusers module path with _>", "lora_te1
 with ".lora_down.weight" / ".lora_up.weight" / ".alpha", which ComfyUI's comfy.lora maps onto every
 SD1.5/SDXL weight. ComfyUI already reads kohya and its own layout; diffusers' PEFT keys
 ("unet.….to_q.lora_A.weight"), PEFT's "base_model.model." prefix and the legacy attention-processor
-keys ("….processor.to_q_lora.down.weight") it maps only in part, so they are renamed here. Only names
-change: the tensors go to ComfyUI's own loader untouched.
+keys ("….processor.to_q_lora.down.weight") it maps only in part, so they are renamed here. Flow
+transformers' (FLUX) diffusers keys keep their "transformer." names, which ComfyUI maps itself. Only
+names change: the tensors go to ComfyUI's own loader untouched.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .families import FewStepInputError
+from .families import FewStepInputError, get_family
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
@@ -35,6 +36,10 @@ _SUFFIXES = [
 _CANONICAL_SUFFIX = {"down": ".lora_down.weight", "up": ".lora_up.weight", "alpha": ".alpha"}
 _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in.", "conv_out.", "conv_norm_out.",
                "time_embedding.", "add_embedding.")
+# Top-level modules of diffusers' flow transformers (FluxTransformer2DModel; SD3Transformer2DModel shares
+# the first), as one model's save_lora_adapter writes them without the pipeline's "transformer." prefix.
+_TRANSFORMER_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder", "context_embedder",
+                      "time_text_embed.", "norm_out.", "proj_out")
 # diffusers' old attention-processor names in the CLIP text encoder → HF CLIP's.
 _TEXT_PROCESSOR_NAMES = {".to_q": ".q_proj", ".to_k": ".k_proj", ".to_v": ".v_proj", ".to_out": ".out_proj"}
 
@@ -108,8 +113,16 @@ def detect_layout(keys) -> str | None:
 
 
 def _canonical_module(module: str) -> str | None:
-    """kohya name of a module path in any of the diffusers-side layouts; None if it is no SD part."""
+    """kohya name of a module path in any of the diffusers-side layouts (for a flow transformer, diffusers'
+    own "transformer." name); None if it is no part of a model FewStep knows."""
     module = module.removeprefix("base_model.model.")
+    if module.startswith("transformer."):
+        # ComfyUI maps diffusers' "transformer.<module>" names itself for its flow models (comfy.lora's
+        # model_lora_keys_unet: Flux through comfy.utils.flux_to_diffusers, with the row slices of the fused
+        # qkv Linears; SD3, AuraFlow, PixArt alike), so the name stays as diffusers wrote it.
+        return module
+    if module.startswith(_TRANSFORMER_ROOTS):
+        return "transformer." + module
     if module.startswith("unet."):
         component, path = "unet", module[len("unet."):]
     elif module.startswith("text_encoder_2."):
@@ -228,6 +241,15 @@ def canonicalize(state_dict: dict, metadata: dict | None = None) -> CanonicalLor
         if name + ".alpha" not in tensors:
             tensors[name + ".alpha"] = torch.tensor(scale * rank, dtype=torch.float32)
     return CanonicalLora(tensors, layout, unrecognized)
+
+
+def card_lora_scale(family_name: str | None) -> float:
+    """The LoRA scale the family's card fuses with (pipe.fuse_lora(lora_scale=…); Hyper-FLUX: 0.125),
+    read from fewstep/families.py; 1.0 where the card fixes none (every SD1.5/SDXL family, style LoRAs)."""
+    if family_name is None:
+        return 1.0
+    flow = get_family(family_name).flow
+    return flow.lora_scale if flow is not None and flow.lora_scale is not None else 1.0
 
 
 def lora_base(state_dict: dict) -> str | None:

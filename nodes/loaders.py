@@ -16,7 +16,7 @@ from comfy_api.latest import io
 
 from ..fewstep.detection import DETECT, resolve_settings
 from ..fewstep.families import FAMILY_NAMES, FewStepInputError, FewStepSettings
-from ..fewstep.lora_layouts import canonicalize, lora_base, read_safetensors
+from ..fewstep.lora_layouts import canonicalize, card_lora_scale, lora_base, read_safetensors
 from .types import FewStepSettingsType
 from .validation import check_numbers, validation_message
 
@@ -56,19 +56,20 @@ class FewStepLoraLoader(io.ComfyNode):
             display_name="Few-Step LoRA Loader (LCM, Lightning, Hyper-SD, TCD, DMD2)",
             category="loaders/few-step",
             description=(
-                "Applies a few-step LoRA in any published layout (kohya, diffusers, PEFT, ComfyUI) with "
-                "every key matched, and outputs the family and settings its model card gives."
+                "Applies a few-step LoRA in any published layout (kohya, diffusers, PEFT, ComfyUI; SD1.5, SDXL "
+                "and FLUX) with every key matched, and outputs the family and settings its model card gives."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5- or SDXL-family model the LoRA was trained on."),
+                io.Model.Input("model", tooltip="The model the LoRA was trained on (SD1.5, SDXL or FLUX family)."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="Connect to apply the LoRA's text-encoder part (LCM-LoRA has none; some style LoRAs do)."),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
                                tooltip="A .safetensors LoRA in ComfyUI's loras folder; pickles (.ckpt/.pt) are refused."),
                 io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="LoRA scale on the UNet; the cards use 1.0 for few-step LoRAs."),
+                               tooltip=("LoRA scale on the UNet or transformer, times the card's fixed scale where it has "
+                                        "one (Hyper-FLUX: 0.125, so 1.0 applies 0.125); the other cards use 1.0.")),
                 io.Float.Input("strength_clip", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="LoRA scale on the text encoders (when the file has that part)."),
+                               tooltip="LoRA scale on the text encoders (when the file has that part), times the card's fixed scale like strength_model."),
                 io.Combo.Input("family", options=[DETECT, *FAMILY_NAMES], default=DETECT, tooltip=FAMILY_OVERRIDE_TOOLTIP),
             ],
             outputs=[
@@ -117,16 +118,22 @@ class FewStepLoraLoader(io.ComfyNode):
                 "a LoRA for this base model."
             )
 
+        settings = resolve_settings(family, lora_name, metadata)
+        # The strengths scale the card's own LoRA scale, as diffusers' fuse_lora(lora_scale=…) does for
+        # every component: 1.0 is the card's setting (Hyper-FLUX: 0.125), another value moves from it.
+        card_scale = card_lora_scale(settings.family)
         patches = comfy.lora.load_lora(canonical.tensors, key_map, log_missing=False)
         new_model = model.clone()
-        new_model.add_patches(patches, strength_model)
+        new_model.add_patches(patches, strength_model * card_scale)
         new_clip = None
         if clip is not None:
             new_clip = clip.clone()
-            new_clip.add_patches(patches, strength_clip)
+            new_clip.add_patches(patches, strength_clip * card_scale)
 
-        settings = resolve_settings(family, lora_name, metadata)
         lines = [settings.summary(), f"{len(modules)} LoRA modules applied ({canonical.layout} layout)"]
+        if card_scale != 1.0:
+            lines.append(f"LoRA scale {card_scale:g} from the {settings.family} card × strength_model "
+                         f"{strength_model:g} = {card_scale * strength_model:g}")
         if text_modules and clip is None:
             lines.append(f"{len(text_modules)} text-encoder modules not applied: connect a CLIP to apply them")
         if settings.family is not None:
@@ -137,7 +144,9 @@ class FewStepLoraLoader(io.ComfyNode):
                 log.warning(warning)
                 lines.append(warning)
             new_model.model_options[FEW_STEP_LORAS] = [*earlier, lora_name]
-        return io.NodeOutput(new_model, new_clip, settings, ui=settings_ui(settings, lines))
+        ui = settings_ui(settings, lines)
+        ui["fewstep_settings"][0]["lora_scale"] = card_scale * strength_model
+        return io.NodeOutput(new_model, new_clip, settings, ui=ui)
 
 
 class FewStepUNetLoader(io.ComfyNode):

@@ -1,0 +1,107 @@
+"""FLUX LoRAs for the tiny FLUX transformer, in the layouts they are published in, made with the field's tools.
+
+- diffusers/PEFT: peft's LoraConfig on diffusers' FluxTransformer2DModel, written by diffusers' own
+  FluxPipeline.save_lora_weights ("transformer.<diffusers module>.lora_A.weight", the LoraConfig in the
+  header's lora_adapter_metadata) — the layout of Hyper-FLUX.1-dev and FLUX.1-Turbo-Alpha.
+- kohya ("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", sd-scripts' FLUX LoRAs) and ComfyUI
+  ("diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight", what ComfyUI's LoraSave writes): the
+  same weights moved onto FLUX's own (BFL) modules with the map ComfyUI itself reads diffusers FLUX LoRAs
+  by, comfy.utils.flux_to_diffusers (used by comfy.lora.model_lora_keys_unet for Flux) — not the loader's.
+  q, k and v of one attention are one fused qkv Linear there, so their LoRAs become one LoRA of rank
+  r_q + r_k + r_v: the downs stacked, the ups block-diagonal at each projection's rows (exactly ΔW).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+# diffusers' train_dreambooth_lora_flux.py default targets, plus the modulation and embedding Linears
+# full-transformer LoRAs (Hyper-FLUX's among them) also train.
+FLUX_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                "ff_context.net.2", "norm1.linear", "norm1_context.linear", "x_embedder", "context_embedder",
+                "proj_out", "norm_out.linear"]
+
+
+def flux_peft_layers(transformer_dir: Path, rank: int, lora_alpha: float, seed: int) -> tuple[dict, dict]:
+    """(PEFT state dict of the transformer, its LoraConfig as a dict), random non-zero weights."""
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel.from_pretrained(str(transformer_dir), torch_dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=FLUX_TARGETS, init_lora_weights=False)
+    transformer.add_adapter(config)
+    # PEFT's random init as is (both factors ~U(±1/√in)): at 3072 wide, B·A moves the weights by some
+    # tenths of their size — enough that a scale off by any factor is far outside the tests' tolerance.
+    layers = {k: v.contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    del transformer
+    return layers, config.to_dict()
+
+
+def save_flux_diffusers(folder: Path, name: str, layers: dict, config: dict) -> str:
+    """diffusers' own writer: "transformer." keys, the LoraConfig in the header."""
+    from diffusers import FluxPipeline
+
+    folder.mkdir(parents=True, exist_ok=True)
+    FluxPipeline.save_lora_weights(str(folder), transformer_lora_layers=layers, weight_name=name,
+                                   safe_serialization=True, transformer_lora_adapter_metadata=config)
+    return name
+
+
+def _peft_modules(layers: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    modules = {}
+    for key in layers:
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            modules[module] = (layers[key], layers[f"{module}.lora_B.weight"])
+    return modules
+
+
+def to_flux_bfl(layers: dict, unet_config: dict, scale: float, alpha_ratio: float, prefix: str) -> dict:
+    """The PEFT layers (applied at `scale` = lora_alpha / r) on FLUX's BFL modules, under ComfyUI's map.
+
+    prefix "lora_unet_" gives kohya's names (dots as underscores), "diffusion_model." ComfyUI's. Each
+    fused module gets `.alpha` = alpha_ratio × its rank, its ups scaled by scale / alpha_ratio, so the
+    file must be read at its alpha to equal the PEFT file.
+    """
+    import comfy.utils
+
+    diffusers_to_bfl = comfy.utils.flux_to_diffusers(unet_config, output_prefix="")
+    fused: dict[str, list] = {}
+    for module, (down, up) in _peft_modules(layers).items():
+        target = diffusers_to_bfl[module + ".weight"]
+        if isinstance(target, str):
+            target, rows, permute = target, None, None
+        else:
+            target, rows, permute = target[0], target[1], (target[2] if len(target) > 2 else None)
+        if permute is not None:
+            up = permute(up)  # norm_out.linear: diffusers has (scale, shift), BFL (shift, scale) rows
+        fused.setdefault(target, []).append((down, up, rows))
+    out = {}
+    for target, parts in fused.items():
+        name = prefix + target[: -len(".weight")].replace(".", "_" if prefix == "lora_unet_" else ".")
+        downs = torch.cat([down for down, _, _ in parts])
+        total_rank = downs.shape[0]
+        if parts[0][2] is None:
+            ups = parts[0][1]
+        else:
+            out_features = max(offset + length for _, _, (_, offset, length) in parts)
+            ups = torch.zeros(out_features, total_rank)
+            column = 0
+            for down, up, (_, offset, length) in parts:
+                ups[offset: offset + length, column: column + down.shape[0]] = up
+                column += down.shape[0]
+        out[f"{name}.lora_down.weight"] = downs.contiguous()
+        out[f"{name}.lora_up.weight"] = (ups * (scale / alpha_ratio)).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(alpha_ratio * total_rank)
+    return out
+
+
+def save(lora: dict, folder: Path, name: str, metadata: dict | None = None) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in lora.items()}, str(folder / name), metadata=metadata)
+    return name

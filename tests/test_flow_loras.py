@@ -1,0 +1,172 @@
+"""FewStepLoraLoader on FLUX LoRAs in their published layouts, against diffusers' own LoRA loading.
+
+One set of random LoRA weights (peft on diffusers' FluxTransformer2DModel, lora_alpha ≠ r) is written in
+diffusers' layout by FluxPipeline.save_lora_weights, and in kohya's and ComfyUI's by ComfyUI's own FLUX
+map (testing/flow_lora_factory.py). ComfyUI loads the tiny FLUX transformer with UNETLoader; each file
+must load through the node with every key matched and patch the weights to what diffusers'
+load_lora_weights + fuse_lora gives, within 1e-5 relative (fp32 on both sides, sums in another order).
+Only the patched weights are compared: the rest of the 390M-parameter model is untouched by either side.
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import flow_lora_factory
+from tiny_flow_models import build_flow_model
+
+RELATIVE_TOLERANCE = 1e-5
+RANK, LORA_ALPHA = 8, 4.0  # scale 0.5: diffusers reads it from the header, kohya files from `.alpha`
+LAYOUTS = ["diffusers", "kohya", "comfyui"]
+
+
+def relative_error(ours, expected) -> float:
+    return ((ours.float() - expected.float()).abs().max() / expected.float().abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.fixture(scope="module")
+def flux(comfy):
+    """(tiny FLUX.1-dev-shaped transformer, ComfyUI's MODEL of it, the PEFT LoRA layers and config)."""
+    from comfy import model_management
+
+    tiny = build_flow_model("flux_dev", comfy.models_dir)
+    (model,) = comfy.nodes.UNETLoader().load_unet(tiny.unet_name, "default")
+    layers, config = flow_lora_factory.flux_peft_layers(tiny.transformer_dir, RANK, LORA_ALPHA, seed=31)
+    yield tiny, model, layers, config
+    del model
+    model_management.unload_all_models()
+    gc.collect()
+
+
+def write_layout(comfy, flux, layout: str, name: str) -> str:
+    tiny, model, layers, config = flux
+    folder = comfy.models_dir / "loras"
+    if layout == "diffusers":
+        return flow_lora_factory.save_flux_diffusers(folder, name, layers, config)
+    prefix = {"kohya": "lora_unet_", "comfyui": "diffusion_model."}[layout]
+    bfl = flow_lora_factory.to_flux_bfl(layers, model.model.model_config.unet_config, scale=LORA_ALPHA / RANK,
+                                        alpha_ratio=0.25, prefix=prefix)
+    return flow_lora_factory.save(bfl, folder, name)
+
+
+def comfy_patched(comfy, model, lora_name, strength=1.0, family="detect"):
+    """The node's output, and the weights ComfyUI patches it to when it loads the model for sampling."""
+    from comfy import model_management as management
+
+    loader = comfy.nodes.NODE_CLASS_MAPPINGS["FewStepLoraLoader"]
+    output = loader.execute(model=model, clip=None, lora_name=lora_name, strength_model=strength,
+                            strength_clip=1.0, family=family)
+    new_model = output.args[0]
+    patched_keys = {key[0] if isinstance(key, tuple) else key for key in new_model.patches}
+    management.load_models_gpu([new_model], force_full_load=True)
+    state = new_model.model.state_dict()
+    weights = {key: state[key].clone() for key in patched_keys}
+    management.unload_all_models()
+    return output, weights
+
+
+@pytest.fixture(scope="module")
+def diffusers_fused(comfy, flux):
+    """diffusers' fused weights of the diffusers-layout file at a lora_scale, as ComfyUI keys and rows."""
+    from comfy import utils as comfy_utils
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    tiny, model, layers, config = flux
+    name = write_layout(comfy, flux, "diffusers", "reference_flux.safetensors")
+    to_comfy = comfy_utils.flux_to_diffusers(model.model.model_config.unet_config, output_prefix="diffusion_model.")
+    modules = {key.rsplit(".lora_", 1)[0] for key in layers}
+    cache = {}
+
+    def fused(scale: float) -> dict:
+        if scale not in cache:
+            transformer = FluxTransformer2DModel.from_pretrained(str(tiny.transformer_dir), torch_dtype=torch.float32)
+            pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                tokenizer_2=None, transformer=transformer)
+            pipe.load_lora_weights(str(comfy.models_dir / "loras"), weight_name=name)
+            pipe.fuse_lora(lora_scale=scale)
+            pipe.unload_lora_weights()
+            state = transformer.state_dict()
+            cache[scale] = {module: (to_comfy[module + ".weight"], state[module + ".weight"].clone())
+                            for module in modules}
+            del pipe, transformer, state
+            gc.collect()
+        return cache[scale]
+
+    return fused
+
+
+def _at(weights: dict, target):
+    """A diffusers module's weight inside ComfyUI's, by comfy.utils.flux_to_diffusers' (key, rows, fn)."""
+    if isinstance(target, str):
+        return weights[target]
+    ours = weights[target[0]]
+    if target[1] is not None:
+        ours = ours.narrow(*target[1])
+    return target[2](ours) if len(target) > 2 else ours  # swap_scale_shift is its own inverse
+
+
+def compare(patched: dict, expected: dict, base: dict) -> float:
+    """Largest relative error over the diffusers modules, each at its place in ComfyUI's (fused) weight."""
+    worst = 0.0
+    for target, weight in expected.values():
+        ours = _at(patched, target)
+        assert ours.shape == weight.shape, target
+        # The LoRA moves every weight far more than the tolerance, so a wrong scale cannot pass.
+        assert relative_error(_at(base, target), weight) > 100 * RELATIVE_TOLERANCE, target
+        worst = max(worst, relative_error(ours, weight))
+    return worst
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_flux_layout_patches_like_diffusers(comfy, flux, diffusers_fused, layout):
+    tiny, model, layers, _ = flux
+    name = write_layout(comfy, flux, layout, f"style_flux_{layout}.safetensors")
+    output, patched = comfy_patched(comfy, model, name)
+    expected = diffusers_fused(1.0)
+    base = model.model.state_dict()
+    # Every LoRA module landed: 18 targets, q/k/v (and their text-side twins) sharing a fused qkv.
+    assert len(patched) == len({t[0] if isinstance(t, tuple) else t for t, _ in expected.values()}) == 14
+    worst = compare(patched, expected, base)
+    assert worst < RELATIVE_TOLERANCE, f"{layout}: {worst:.2e}"
+    assert output.args[2].family is None  # a style LoRA: not reported as few-step
+    assert f"({'peft' if layout == 'diffusers' else layout} layout)" in "\n".join(output.ui["text"])
+
+
+def test_hyper_flux_is_applied_at_its_card_scale(comfy, flux, diffusers_fused):
+    """Hyper-FLUX's card fuses at lora_scale 0.125: detected from the published name, applied at strength
+    1.0, shown, and scaled by the user's strength from there."""
+    tiny, model, _, _ = flux
+    name = write_layout(comfy, flux, "diffusers", "Hyper-FLUX.1-dev-8steps-lora.safetensors")
+    output, patched = comfy_patched(comfy, model, name)
+    settings = output.args[2]
+    assert (settings.family, settings.steps) == ("hyper_flux", 8)
+    assert output.ui["fewstep_settings"][0]["lora_scale"] == 0.125
+    assert "LoRA scale 0.125 from the hyper_flux card × strength_model 1 = 0.125" in output.ui["text"][0]
+    base = model.model.state_dict()
+    worst = compare(patched, diffusers_fused(0.125), base)
+    assert worst < RELATIVE_TOLERANCE, f"{worst:.2e}"
+
+    # strength 2 doubles the card's change: diffusers' fuse_lora(lora_scale=0.25).
+    _, doubled = comfy_patched(comfy, model, name, strength=2.0)
+    worst = compare(doubled, diffusers_fused(0.25), base)
+    assert worst < RELATIVE_TOLERANCE, f"{worst:.2e}"
+
+
+def test_unmatched_flux_keys_name_the_file_and_the_keys(comfy, flux):
+    """A module the model does not have (single blocks: the tiny FLUX has none) stops the load."""
+    tiny, model, layers, config = flux
+    extra = dict(layers)
+    extra["single_transformer_blocks.0.attn.to_q.lora_A.weight"] = torch.zeros(RANK, 3072)
+    extra["single_transformer_blocks.0.attn.to_q.lora_B.weight"] = torch.zeros(3072, RANK)
+    name = flow_lora_factory.save_flux_diffusers(comfy.models_dir / "loras", "flux_extra_block.safetensors",
+                                                 extra, config)
+    loader = comfy.nodes.NODE_CLASS_MAPPINGS["FewStepLoraLoader"]
+    # ComfyUI imported the pack under its own package name: the error class is matched by name.
+    with pytest.raises(ValueError) as failure:
+        loader.execute(model=model, clip=None, lora_name=name, strength_model=1.0, strength_clip=1.0)
+    assert type(failure.value).__name__ == "FewStepInputError"
+    message = str(failure.value)
+    assert "flux_extra_block.safetensors" in message
+    assert "transformer.single_transformer_blocks.0.attn.to_q" in message and "1 LoRA modules" in message
