@@ -14,6 +14,7 @@ import numpy as np
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from .families import Family, FewStepInputError, get_family
+from .schedules import check_steps_and_denoise
 
 # The VAE's 8× downsampling and the transformers' 2×2 patches: one image token per 16×16 pixels.
 LATENT_PIXELS = 8
@@ -54,13 +55,7 @@ def img2img_start(steps: int, denoise: float) -> int:
 
 
 def check_flow_steps(family: Family, steps: int, denoise: float) -> None:
-    if steps < 1:
-        raise FewStepInputError(f"steps: {steps} — a schedule needs at least 1 step.")
-    if not 0.0 < denoise <= 1.0:
-        raise FewStepInputError(
-            f"denoise: {denoise} — must be above 0 and at most 1 (1.0 is text-to-image, "
-            "below 1 keeps part of the input latent)."
-        )
+    check_steps_and_denoise(steps, denoise)
 
 
 def flow_sigmas(family_name: str, steps: int, denoise: float = 1.0,

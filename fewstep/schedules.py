@@ -53,9 +53,8 @@ def _check_timesteps(timesteps: Sequence[int]) -> None:
         )
 
 
-def check_steps(family: Family, steps: int, denoise: float,
-                original_inference_steps: int = LCM_ORIGINAL_INFERENCE_STEPS) -> None:
-    """Raise FewStepInputError, naming the input and the fix, for step/denoise a family can't run."""
+def check_steps_and_denoise(steps: int, denoise: float) -> None:
+    """What every schedule needs, discrete or flow-matching: a step, and denoise in (0, 1]."""
     if steps < 1:
         raise FewStepInputError(f"steps: {steps} — a schedule needs at least 1 step.")
     if not 0.0 < denoise <= 1.0:
@@ -63,6 +62,12 @@ def check_steps(family: Family, steps: int, denoise: float,
             f"denoise: {denoise} — must be above 0 and at most 1 (1.0 is text-to-image, "
             "below 1 keeps part of the input latent)."
         )
+
+
+def check_steps(family: Family, steps: int, denoise: float,
+                original_inference_steps: int = LCM_ORIGINAL_INFERENCE_STEPS) -> None:
+    """Raise FewStepInputError, naming the input and the fix, for step/denoise a family can't run."""
+    check_steps_and_denoise(steps, denoise)
     if family.only_steps is not None and steps not in family.only_steps:
         allowed = ", ".join(str(s) for s in family.only_steps)
         raise FewStepInputError(

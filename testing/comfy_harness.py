@@ -149,6 +149,10 @@ class InProcessComfy:
             )
         return self._prompt_executor
 
+    def forget_outputs(self) -> None:
+        """Drop the executor's cached outputs (loaded models among them), as a fresh server would have none."""
+        self._prompt_executor = None
+
     def validate(self, prompt: dict) -> tuple[bool, dict | None, dict]:
         valid, error, _outputs, node_errors = asyncio.run(
             self.execution.validate_prompt(str(uuid.uuid4()), prompt, None)

@@ -16,14 +16,12 @@ for the reference pipelines — one set of weights, read by both sides.
 """
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tiny_models import _link, _locked, cache_dir, perturb_
+from tiny_models import _link, cached_build, perturb_
 
 SEED = 20261203
 FLOW_VERSION = "f2"  # bump whenever what is built changes (cached per version under tiny_models' cache)
@@ -69,16 +67,7 @@ def _build(base: str, folder: Path) -> None:
 
 def build_flow_model(base: str, models_dir: Path) -> TinyFlowModel:
     """The tiny `base` transformer (built once per cache version), linked into models_dir/diffusion_models."""
-    folder = cache_dir() / f"flow_{FLOW_VERSION}_{base}"
-    if not folder.is_dir():
-        with _locked(cache_dir() / f".flow_{FLOW_VERSION}_{base}.lock"):
-            if not folder.is_dir():
-                partial = cache_dir() / f".flow_{FLOW_VERSION}_{base}.partial-{os.getpid()}"
-                shutil.rmtree(partial, ignore_errors=True)
-                partial.mkdir(parents=True)
-                with torch.inference_mode(False), torch.no_grad():
-                    _build(base, partial)
-                partial.rename(folder)
+    folder = cached_build(f"flow_{FLOW_VERSION}_{base}", lambda partial: _build(base, partial))
     unet_name = f"tiny_{base}_transformer.safetensors"
     _link(folder / "transformer" / "diffusion_pytorch_model.safetensors",
           Path(models_dir) / "diffusion_models" / unet_name)

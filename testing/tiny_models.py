@@ -288,7 +288,7 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _cached(base: str, build) -> Path:
+def cached_build(base: str, build) -> Path:
     """The cache folder for `base`, built (into a temporary folder, then renamed) if absent."""
     folder = cache_dir() / base
     if folder.is_dir():
@@ -312,7 +312,7 @@ def _link(source: Path, target: Path) -> None:
 
 
 def _install(base: str, build, models_dir: Path, latent_scale: float) -> TinyModel:
-    folder = _cached(base, build)
+    folder = cached_build(base, build)
     unet_file, checkpoint_file = folder / f"tiny_{base}_unet.safetensors", folder / f"tiny_{base}.safetensors"
     _link(unet_file, Path(models_dir) / "diffusion_models" / unet_file.name)
     _link(checkpoint_file, Path(models_dir) / "checkpoints" / checkpoint_file.name)

@@ -143,8 +143,7 @@ def test_a_failed_capture_falls_back_with_a_message_and_the_next_prompt_runs(
 def test_a_failed_replay_falls_back_to_eager_for_that_shape(comfy, sd15, capture_fails_for_compiled_kernels, caplog):
     """A graph whose replay fails (e.g. out of memory for its allocations on its first run) is
     dropped, the call runs eagerly, and the shape stays eager."""
-    stand_in = capture_fails_for_compiled_kernels
-    attempts, graphs_module = stand_in.attempts, stand_in.graphs_module
+    graphs_module = capture_fails_for_compiled_kernels.graphs_module
 
     class ReplayOutOfMemory(graphs_module.CapturedGraph):
         def __call__(self, inputs):

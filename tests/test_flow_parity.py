@@ -58,11 +58,23 @@ class _OneBaseAtATime:
     def __init__(self, comfy):
         self.comfy, self.base, self.tiny, self.reference = comfy, None, None, None
 
+    def release(self):
+        """After the module: the last base goes too (the tests after it load SD models)."""
+        import comfy.model_management
+
+        self.base = self.tiny = self.reference = None
+        self.comfy.forget_outputs()
+        comfy.model_management.unload_all_models()
+        gc.collect()
+
     def get(self, base):
         if base != self.base:
             import comfy.model_management
 
-            self.reference = None
+            self.reference = self.tiny = None
+            # ComfyUI's executor keeps the last prompt's outputs (the loaded MODEL among them): a fresh
+            # one lets the previous base go, so one base at a time is all this module holds.
+            self.comfy.forget_outputs()
             comfy.model_management.unload_all_models()
             gc.collect()
             self.tiny = build_flow_model(base, self.comfy.models_dir)
@@ -72,7 +84,9 @@ class _OneBaseAtATime:
 
 @pytest.fixture(scope="module")
 def flow_bases(flow_comfy):
-    return _OneBaseAtATime(flow_comfy)
+    bases = _OneBaseAtATime(flow_comfy)
+    yield bases
+    bases.release()
 
 
 def latent_format(tiny):
