@@ -22,6 +22,10 @@ COMFYUI_FIXTURES = {"comfy", "comfy_server", "sd15", "sdxl", "server_sd15"}
 
 
 def pytest_collection_modifyitems(config, items):
+    # The browser tests last: they share one Playwright browser for the session, and Playwright's sync
+    # API keeps an event loop running in the main thread until it stops, where the in-process ComfyUI
+    # of the other tests needs asyncio.run.
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
         if item.get_closest_marker("browser") is not None:  # the browser modules mark themselves

@@ -24,7 +24,7 @@ import soak_harness as soak  # the websocket client and the valid prompt the soa
 
 # Every node the pack ships; test_every_fewstep_node_is_covered fails when one is missing here.
 FEWSTEP_NODES = ["FewStepScheduler", "FewStepSampler", "FewStepLoraLoader", "FewStepUNetLoader", "FewStepKSampler",
-                 "FewStepAccelerate"]
+                 "FewStepAccelerate", "FewStepPreviewImage"]
 TRAILING_FAMILIES = ["turbo", "lightning", "hyper_sd", "dmd2"]  # img2img runs int(steps × denoise) steps
 PICKLE_SUFFIXES = [".ckpt", ".pt", ".pth", ".bin"]
 
@@ -120,12 +120,13 @@ def upstream(tiny) -> dict:
         "sigmas_in": {"class_type": "FewStepScheduler",
                       "inputs": {"model": ["ckpt", 0], "family": "lcm", "steps": 4, "denoise": 1.0}},
         "sampler_in": {"class_type": "FewStepSampler", "inputs": {"family": "lcm"}},
+        "image_in": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
     }
 
 
 def link_for(input_type: str, input_name: str):
     links = {"MODEL": ["ckpt", 0], "CLIP": ["ckpt", 1], "VAE": ["ckpt", 2], "LATENT": ["latent", 0],
-             "SIGMAS": ["sigmas_in", 0], "SAMPLER": ["sampler_in", 0]}
+             "SIGMAS": ["sigmas_in", 0], "SAMPLER": ["sampler_in", 0], "IMAGE": ["image_in", 0]}
     if input_type == "CONDITIONING":
         return ["neg", 0] if "negative" in input_name else ["pos", 0]
     return links.get(input_type)
@@ -166,8 +167,9 @@ def node_graph(node: str, info: dict, tiny) -> dict:
                 pytest.skip(f"{node}.{name}: no test source for a {kind} input; add one to link_for")
             inputs[name] = link
     graph = {**upstream(tiny), "target": {"class_type": node, "inputs": inputs}}
-    # PreviewAny takes any type and is an output node, so ComfyUI validates and runs the target.
-    graph["sink"] = {"class_type": "PreviewAny", "inputs": {"source": ["target", 0]}}
+    if info["output"]:  # else the target is an output node itself
+        # PreviewAny takes any type and is an output node, so ComfyUI validates and runs the target.
+        graph["sink"] = {"class_type": "PreviewAny", "inputs": {"source": ["target", 0]}}
     return graph
 
 
