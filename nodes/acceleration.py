@@ -256,7 +256,7 @@ class FewStepAccelerate(io.ComfyNode):
         passthrough = (comfy.model_management.InterruptProcessingException,)
         caches = [GraphCache(part, max_shapes, autotune_convolutions, backend, passthrough=passthrough)
                   for part in ("UNet", "VAE decode")]
-        holdings = GraphHoldings(caches, max_shapes, cls.hidden.unique_id if cls.hidden else None)
+        holdings = GraphHoldings(caches, cls.hidden.unique_id if cls.hidden else None)
         for cache in caches:
             cache.on_change = holdings.show
         unet = UNetAccelerator(caches[0], model.model)
@@ -285,14 +285,14 @@ class GraphHoldings:
     """What a FewStepAccelerate node's graphs hold, in the log and on the node (ComfyUI's progress
     text, which the frontend shows under the node) after each capture."""
 
-    def __init__(self, caches: list[GraphCache], max_shapes: int, node_id: str | None):
-        self.caches, self.max_shapes, self.node_id = caches, max_shapes, node_id
+    def __init__(self, caches: list[GraphCache], node_id: str | None):
+        self.caches, self.node_id = caches, node_id
 
     def describe(self) -> str:
         parts = []
         for cache in self.caches:
             compiled = sum(graph.compiled for graph in cache.graphs.values())
-            parts.append(f"{cache.part}: {len(cache.graphs)} of at most {self.max_shapes} sizes captured "
+            parts.append(f"{cache.part}: {len(cache.graphs)} of at most {cache.max_shapes} sizes captured "
                          f"({compiled} compiled, {len(cache.compiling)} compiling)")
         held = graph_memory_bytes([cache.pool for cache in self.caches])
         # Under cudaMallocAsync the driver pools every graph's memory per device (fewstep.acceleration.memory).

@@ -69,7 +69,7 @@ def test_graph_cache_captures_eager_kernels_at_once_and_the_compiled_code_when_r
 
     monkeypatch.setattr(graphs, "CapturedGraph", CapturedGraphFailingAsTold)
     monkeypatch.setattr(graphs, "WORKER", Worker())
-    monkeypatch.setattr(graphs, "CompileJob", lambda part, signature, function, inputs, backend: (function, backend))
+    monkeypatch.setattr(graphs, "CompileJob", lambda function, inputs, backend: (function, backend))
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     cache = GraphCache("UNet", compile_backend=COMPILE_BACKEND, passthrough=(Interrupted,))

@@ -2,15 +2,16 @@
 prompts keep running on CUDA graphs of the eager kernels; the compiled code is captured once it is ready.
 
 Compiling the SDXL UNet for one shape takes minutes; capturing its eager kernels takes a second or two.
-So the first prompt of a new size never waits for the compiler.
-cuDNN's autotuning cannot move to the worker: PyTorch keeps its benchmark results per thread, and its
-switch (torch.backends.cudnn.benchmark) is process-wide, so setting it there would make the prompt
-thread's own first runs autotune instead. Dynamo compiles by running the
+So the first prompt of a new size never waits for the compiler. Dynamo compiles by running the
 function, so the worker runs it on copies of the inputs, on its own CUDA stream, under the grad and
 inference modes of the prompt that asked (Dynamo guards on them, and they are per thread). The
 prompt thread then calls the compiled function through `torch._dynamo.run`, which uses compiled code
 but never compiles: if a guard no longer matches, the function runs eagerly instead of compiling
 on the prompt's time, and the job sees that its compiled code did not run.
+
+cuDNN's autotuning cannot move to the worker: PyTorch keeps its benchmark results per thread, and its
+switch (torch.backends.cudnn.benchmark) is process-wide, so setting it there would make the prompt
+thread's own first runs autotune instead.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .compiler import COMPILE_OPTIONS, COMPILE_CONFIG
+from .compiler import COMPILE_OPTIONS, compile_config
 
 # The worker starts a job only once the prompt thread has been out of every accelerated run (sampling,
 # decode) this long: Dynamo's tracing is Python and holds the GIL, and started in the middle of a
@@ -77,9 +78,7 @@ class CompiledCodeNotUsed(RuntimeError):
 class CompileJob:
     """One function compiled by `backend` for one set of input shapes, on the worker thread."""
 
-    def __init__(self, part: str, signature: tuple, function: Callable[..., torch.Tensor],
-                 inputs: Sequence[torch.Tensor | None], backend):
-        self.part, self.signature, self.backend = part, signature, backend
+    def __init__(self, function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | None], backend):
         self.inputs = [None if x is None else x.clone() for x in inputs]
         self.grad_enabled = torch.is_grad_enabled()
         self.inference_mode = torch.is_inference_mode_enabled()
@@ -109,21 +108,17 @@ class CompileJob:
     def done(self) -> bool:
         return self._done.is_set()
 
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
     def run(self) -> None:
         """On the worker thread: compile, run the compiled code once more, release the inputs."""
         started = time.perf_counter()
         try:
             if not self.cancelled:
-                settings = {key: value for key, value in COMPILE_CONFIG.items() if hasattr(torch._dynamo.config, key)}
                 device = next((x.device for x in self.inputs if x is not None), torch.device("cpu"))
                 # Its own stream: the prompt thread may be capturing a graph meanwhile, and work on the
                 # legacy default stream would synchronise with the capturing stream and break it.
                 stream = torch.cuda.Stream(device) if device.type == "cuda" else None
                 with (torch.inference_mode(self.inference_mode), torch.set_grad_enabled(self.grad_enabled),
-                      torch._dynamo.config.patch(**settings),
+                      torch._dynamo.config.patch(**compile_config()),
                       torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
                     for _ in range(COMPILE_RUNS):
                         self.compiled(*self.inputs)

@@ -26,6 +26,11 @@ COMPILE_CONFIG = {"recompile_limit": COMPILE_RECOMPILE_LIMIT, "fail_on_recompile
                   "suppress_errors": False}
 
 
+def compile_config() -> dict:
+    """COMPILE_CONFIG without the keys this torch's Dynamo lacks, for torch._dynamo.config.patch."""
+    return {key: value for key, value in COMPILE_CONFIG.items() if hasattr(torch._dynamo.config, key)}
+
+
 class CompileFailed(RuntimeError):
     """torch.compile failed on the first run of a function (its cause is the error it raised)."""
 
@@ -52,7 +57,7 @@ def compile_for_one_shape(function: Callable[..., torch.Tensor], backend=COMPILE
     """
     compiled = torch.compile(function, backend=backend, dynamic=False, fullgraph=False,
                              options=options if backend == "inductor" else None)
-    settings = {key: value for key, value in COMPILE_CONFIG.items() if hasattr(torch._dynamo.config, key)}
+    settings = compile_config()
 
     def call(*inputs):
         with torch._dynamo.config.patch(**settings):

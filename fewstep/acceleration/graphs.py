@@ -188,12 +188,12 @@ class GraphCache:
             with WORKER.paused() as paused:
                 if paused:  # else the worker is compiling another shape: capture at a later call
                     del self.compiling[signature]
-                    graph = self._capture_prepared(signature, job, inputs, module) or graph
+                    graph = self._capture_compiled(signature, job, inputs, module) or graph
         if graph is None:
             graph = self._capture(signature, function, inputs, module)
             if graph is None:
                 return None
-            self._prepare_in_background(signature, function, compiler_form, inputs)
+            self._compile_in_background(signature, function, compiler_form, inputs)
         self.graphs.move_to_end(signature)
         try:
             return graph(inputs)
@@ -229,31 +229,30 @@ class GraphCache:
         graph = self.graphs.get(signature)
         return graph is not None and self._weights_still_captured(graph)
 
-    def _prepare_in_background(self, signature, function, compiler_form, inputs) -> None:
+    def _compile_in_background(self, signature, function, compiler_form, inputs) -> None:
         if (self.compile_backend is None or signature in self.compiling
                 or signature in self.compile_failures or self.graphs[signature].compiled):
             return
-        self.compiling[signature] = WORKER.submit(CompileJob(self.part, signature, compiler_form() if compiler_form
-                                                             else function, inputs, self.compile_backend))
+        self.compiling[signature] = WORKER.submit(CompileJob(compiler_form() if compiler_form else function, inputs,
+                                                             self.compile_backend))
         # Said once per shape: the log then shows when the compiled graph took over.
         log.info("FewStepAccelerate: %s for %s runs on a CUDA graph of the eager kernels now; torch.compile "
                  "compiles it in the background (minutes for SDXL the first time, less with Inductor's cache "
                  "warm) and later runs switch to the compiled graph", self.part, describe(signature))
 
-    def _capture_prepared(self, signature, job: CompileJob, inputs, module) -> CapturedGraph | None:
+    def _capture_compiled(self, signature, job: CompileJob, inputs, module) -> CapturedGraph | None:
         """The compiled code of a finished job captured for `inputs` in place of the first graph; None
         where it cannot be (said, and the first graph stays)."""
         if job.error is not None:
             if isinstance(job.error, self.passthrough):
-                return None  # interrupted: the next new shape compiles again
+                return None  # interrupted: not a failure, but this shape keeps its eager-kernel graph
             self.compile_failures[signature] = first_line(job.error)
             self.say(f"{self.part}: torch.compile failed for {describe(signature)} ({first_line(job.error)}); "
                      "this shape stays on the graph of the eager kernels")
             return None
         runs_before = job.compiled_runs
-        compiled = True
         try:
-            graph = CapturedGraph(job.runnable(), inputs, module, self.pool, self.autotune, compiled=compiled,
+            graph = CapturedGraph(job.runnable(), inputs, module, self.pool, self.autotune, compiled=True,
                                   warmup_runs=COMPILED_WARMUP_RUNS,
                                   before_capture=lambda: job.check_compiled_code_ran(runs_before))
         except self.passthrough:
@@ -262,8 +261,7 @@ class GraphCache:
             keep_failed_capture(error)
             self.compile_failures[signature] = first_line(error)
             how = "for this shape"
-            if (compiled and allocator_backend() == STREAM_ORDERED_ALLOCATOR
-                    and not isinstance(error, CompiledCodeNotUsed)):
+            if allocator_backend() == STREAM_ORDERED_ALLOCATOR and not isinstance(error, CompiledCodeNotUsed):
                 self.compile_backend = None  # it would fail the same way at every shape
                 how = (f"from now on (under the {STREAM_ORDERED_ALLOCATOR} allocator; start ComfyUI with "
                        f"{NATIVE_ALLOCATOR_FLAG} for compiled graphs)")
