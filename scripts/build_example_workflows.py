@@ -22,6 +22,7 @@ from comfy_harness import COMFYUI_MISSING, ComfyServer, find_comfyui  # noqa: E4
 from comfyui_fewstep.fewstep.workflow_api import has_control_widget, inputs_in_order, is_widget  # noqa: E402
 
 from example_workflow_specs import UI_ONLY, WORKFLOWS, N, Workflow, note  # noqa: E402 — this folder
+from flow_workflow_specs import FLOW_WORKFLOWS  # noqa: E402 — this folder
 
 OUT_DIR = PACK_ROOT / "example_workflows"
 
@@ -161,7 +162,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as base, ComfyServer(comfyui, Path(base)) as server:
         object_info = server.get("/object_info")
     OUT_DIR.mkdir(exist_ok=True)
-    for workflow in WORKFLOWS:
+    for workflow in [*WORKFLOWS, *FLOW_WORKFLOWS]:
         path = OUT_DIR / f"{workflow.name}.json"
         path.write_text(json.dumps(build(workflow, object_info), indent=1, ensure_ascii=False) + "\n")
         print(f"wrote {path.relative_to(PACK_ROOT)}")

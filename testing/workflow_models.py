@@ -30,6 +30,19 @@ MODEL_INPUTS = {
     "control_net_name": "controlnet",
 }
 SDXL_MARKS = ("xl", "dmd2", "lightning", "koala", "vega", "ssd-1b")
+# Loaders of separate text encoders and VAEs: the flow-matching bases' workflows (FLUX, SD3.5, Qwen-Image,
+# Z-Image) load them, and ComfyUI builds those encoders (T5-XXL, Qwen2.5-VL 7B, Qwen3-4B) from fixed
+# full-size configs whatever the file holds, so no tiny stand-in can take their place.
+TEXT_ENCODER_LOADERS = ("CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader")
+# Every file-name input of the example workflows' loaders → its models folder.
+FILE_INPUTS = {
+    **MODEL_INPUTS,
+    "clip_name": "text_encoders",
+    "clip_name1": "text_encoders",
+    "clip_name2": "text_encoders",
+    "clip_name3": "text_encoders",
+    "vae_name": "vae",
+}
 
 
 def base_of(published_name: str) -> str:
@@ -79,6 +92,13 @@ def _link(source: Path, target: Path) -> None:
 def install_stand_ins(prompt: dict, base_dir: Path) -> list[str]:
     """Put a tiny stand-in under every file name `prompt` (API format) loads; returns what it placed."""
     base_dir = Path(base_dir)
+    encoders = sorted({node["class_type"] for node in prompt.values() if node["class_type"] in TEXT_ENCODER_LOADERS})
+    if encoders:
+        raise ValueError(
+            f"this workflow loads its text encoders separately ({', '.join(encoders)}): ComfyUI builds T5-XXL, "
+            "Qwen2.5-VL and Qwen3-4B at full size whatever the file holds, so there is no tiny stand-in for them; "
+            "run it with --models pointing at the real files (the workflow's note says where to get each)."
+        )
     models_dir = base_dir / "models"
     placed = []
     for node in prompt.values():
@@ -107,12 +127,28 @@ def install_stand_ins(prompt: dict, base_dir: Path) -> list[str]:
     return placed
 
 
+def place_file_names(prompt: dict, base_dir: Path) -> list[str]:
+    """An empty file under every file name `prompt` (API format) loads, where none is: enough for ComfyUI
+    to list it (the loaders' choices, so the prompt validates and the frontend opens it without a missing
+    model), never to load it. Returns the files it made."""
+    made = []
+    for node in prompt.values():
+        for input_name, folder in FILE_INPUTS.items():
+            published = node["inputs"].get(input_name)
+            path = Path(base_dir) / "models" / folder / str(published)
+            if isinstance(published, str) and not (path.exists() or path.is_symlink()):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+                made.append(f"{folder}/{published}")
+    return made
+
+
 # Nodes whose width/height widgets set the picture size a workflow samples at.
-SIZED_NODES = ("EmptyLatentImage", "ImageScale")
+SIZED_NODES = ("EmptyLatentImage", "EmptySD3LatentImage", "ImageScale")
 
 
 def shrink_sizes(prompt: dict, size: int = CPU_TEST_SIZE) -> list[str]:
-    """Set every Empty Latent Image and Image Scale to size × size pixels (CPU runs); returns what changed."""
+    """Set every Empty (SD3) Latent Image and Image Scale to size × size pixels (CPU runs); returns what changed."""
     changed = []
     for node_id, node in prompt.items():
         if node["class_type"] in SIZED_NODES:
