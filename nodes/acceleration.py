@@ -1,8 +1,9 @@
-"""FewStepAccelerate: the UNet and the VAE decoder compiled and replayed as CUDA graphs, one per input shape.
+"""FewStepAccelerate: the UNet or transformer and the VAE decoder compiled and replayed as CUDA graphs, one
+per input shape.
 
 Thin glue: capture, per-shape caching and the weight check are fewstep.acceleration's. They are
-attached through ComfyUI's own mechanisms: a ModelPatcher clone carrying a DIFFUSION_MODEL wrapper
-(around UNetModel.forward) and a SAMPLER_SAMPLE wrapper (one sampling run), see
+attached through ComfyUI's own mechanisms: a ModelPatcher clone carrying an APPLY_MODEL wrapper
+(around BaseModel._apply_model) and a SAMPLER_SAMPLE wrapper (one sampling run), see
 comfy/patcher_extension.py; and a VAE object that shares the loaded VAE's weights and patcher and
 overrides decode. ComfyUI already fuses LoRA weights into the model when it loads it (ModelPatcher
 patches the weights themselves), so a graph of the patched model runs no LoRA code at all.
@@ -19,6 +20,7 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.sd
 from comfy.ldm.modules.diffusionmodules.model import AttnBlock
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy_api.latest import io, ui
 
 from ..fewstep.acceleration import (
@@ -36,61 +38,68 @@ from ..fewstep.acceleration import (
     group_norm_for_compiler,
     tensor_signature,
 )
+from ..fewstep.acceleration.model_inputs import NotCapturable, flatten_conditioning
 
 WRAPPER_KEY = "fewstep_accelerate"
 log = logging.getLogger("fewstep.acceleration")
 
 
-class UNetAccelerator:
-    """The UNet part: DIFFUSION_MODEL and SAMPLER_SAMPLE wrappers sharing one GraphCache."""
+class DiffusionModelAccelerator:
+    """The UNet or transformer part: APPLY_MODEL and SAMPLER_SAMPLE wrappers sharing one GraphCache.
+
+    APPLY_MODEL wraps BaseModel._apply_model (σ to the model's input and timestep, the UNet or
+    transformer, the denoised output): the one call every ComfyUI architecture makes per step, where
+    DIFFUSION_MODEL wrappers exist only on some (SD3's MMDiT has none) and differ in their arguments.
+    """
 
     def __init__(self, graphs: GraphCache, base_model):
         self.graphs = graphs
         self.base_model = base_model  # comfy.model_base.BaseModel, shared by every clone of the patcher
 
-    def eager_reason(self, x, control, transformer_options: dict, extra: dict) -> str | None:
-        """Why this UNet call cannot be replayed from a graph, or None."""
+    def eager_reason(self, x, control, transformer_options: dict) -> str | None:
+        """Why this model call cannot be replayed from a graph, or None."""
         reason = cuda_graph_unavailable_reason(x.device)
         if reason is not None:
             return reason
         if control is not None:
-            return "a ControlNet/T2I-Adapter is attached (its residuals are computed outside the UNet each step)"
+            return (f"a ControlNet/T2I-Adapter is attached (its residuals are computed outside the "
+                    f"{self.graphs.part} each step)")
         patches = {**(transformer_options.get("patches") or {}), **(transformer_options.get("patches_replace") or {})}
         if patches:
-            return f"model patches are attached ({', '.join(sorted(patches))}); they run Python inside the UNet"
+            return (f"model patches are attached ({', '.join(sorted(patches))}); they run Python inside the "
+                    f"{self.graphs.part}")
         if "optimized_attention_override" in transformer_options:
             return "an attention override is attached"
         if getattr(self.base_model, "model_lowvram", False) or getattr(self.base_model, "lowvram_patch_counter", 0):
             return "the model is only partly on the GPU (lowvram): its weights are streamed and patched per layer"
         if getattr(self.base_model, "manual_cast_dtype", None) is not None:
             return "the model's weights are cast to the compute dtype per layer (manual cast)"
-        for name, value in extra.items():
-            if value is not None and not isinstance(value, torch.Tensor):
-                return f"the UNet gets a non-tensor input '{name}'"
         return None
 
-    def diffusion_model(self, executor, x, timesteps=None, context=None, y=None, control=None,
-                        transformer_options={}, **extra):
-        reason = self.eager_reason(x, control, transformer_options, extra)
+    def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                    **conds):
+        reason = self.eager_reason(x, control, transformer_options)
         if reason is None:
-            names = sorted(extra)
-            inputs = [x, timesteps, context, y, *(extra[name] for name in names)]
-            signature = (*(tensor_signature(value) for value in inputs), tuple(names),
-                         torch.is_inference_mode_enabled())
+            try:
+                flat = flatten_conditioning({"c_concat": c_concat, "c_crossattn": c_crossattn, **conds})
+            except NotCapturable as error:
+                reason = str(error)
+        if reason is None:
+            signature = (tensor_signature(x), tensor_signature(t), flat.signature(), torch.is_inference_mode_enabled())
 
             # A copy: the compile worker may trace this function while ComfyUI goes on changing the
             # options it passes to later calls.
             options = dict(transformer_options)
 
-            def forward(x_, timesteps_, context_, y_, *extra_):
-                return executor(x_, timesteps_, context_, y_, None, options, **dict(zip(names, extra_)))
+            def forward(x_, t_, *tensors):
+                return executor(x_, t_, control=None, transformer_options=options, **flat.rebuild(tensors))
 
-            output = self.graphs.run(signature, forward, inputs, executor.class_obj)
+            output = self.graphs.run(signature, forward, [x, t, *flat.tensors], executor.class_obj)
             if output is not None:
                 return output.clone()  # the graph's output buffer is rewritten by the next replay
         else:
             self.graphs.eager(reason)
-        return executor(x, timesteps, context, y, control, transformer_options, **extra)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **conds)
 
     def sampler_sample(self, executor, *args, **kwargs):
         # Models are loaded (and weights patched) before the sampler runs and not during it, so each
@@ -201,10 +210,11 @@ class FewStepAccelerate(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FewStepAccelerate",
-            display_name="Few-Step Accelerate (torch.compile + CUDA graphs for UNet and VAE decode)",
+            display_name="Few-Step Accelerate (torch.compile + CUDA graphs for the model and VAE decode)",
             category="sampling/few-step",
             description=(
-                "Replays the UNet and the VAE decoder as CUDA graphs, one per image size and batch, to remove "
+                "Replays the UNet or transformer (SD1.5, SDXL, FLUX, SD3.5, Qwen-Image, Z-Image) and the VAE "
+                "decoder as CUDA graphs, one per image size and batch, to remove "
                 "the launch overhead and memory-bound work that dominate 1–4-step sampling. A new size runs at "
                 "once on a graph of the eager kernels while torch.compile compiles it in the background; later "
                 "runs switch to the compiled graph. Outputs stay within a measured tolerance of eager. What it "
@@ -223,19 +233,19 @@ class FewStepAccelerate(io.ComfyNode):
                     "capture of the compiled graph where compiling): PyTorch keeps cuDNN's results per thread, "
                     "so it cannot happen in the background. Off: cuDNN's heuristic choice, the kernels eager uses.")),
                 io.Int.Input("max_shapes", default=DEFAULT_MAX_SHAPES, min=1, max=64, tooltip=(
-                    "How many image size × batch combinations keep a captured graph each for the UNet "
-                    "and the VAE (least recently used dropped): the bound on the GPU memory the graphs hold "
+                    "How many image size × batch combinations keep a captured graph each for the UNet or "
+                    "transformer and the VAE (least recently used dropped): the bound on the GPU memory the graphs hold "
                     "(their activations; the node shows the amount after each capture).")),
                 # Last and optional: workflows saved before it existed keep their widget values in place.
                 io.Boolean.Input("compile_kernels", default=True, optional=True, tooltip=(
-                    "Also compile the UNet and the VAE decoder with torch.compile (Triton kernels): faster "
-                    "kernels (README, Speed). Compiling runs in the background, minutes per image size and batch "
+                    "Also compile the UNet or transformer and the VAE decoder with torch.compile (Triton "
+                    "kernels): faster kernels (README, Speed). Compiling runs in the background, minutes per image size and batch "
                     "for SDXL (less with Inductor's cache warm); no prompt waits for it, each runs on a graph of "
                     "the eager kernels (captured in about a second) until the compiled one is ready. Off: graphs "
                     "of the eager kernels only. Without Triton it is skipped with a message.")),
             ],
             outputs=[
-                io.Model.Output(tooltip="The model with its UNet calls replayed from CUDA graphs."),
+                io.Model.Output(tooltip="The model with its UNet or transformer calls replayed from CUDA graphs."),
                 io.Vae.Output(tooltip="The VAE with its decode replayed from CUDA graphs."),
             ],
         )
@@ -254,23 +264,24 @@ class FewStepAccelerate(io.ComfyNode):
 
         # A user's Cancel raised inside a UNet or decoder run must stop the prompt, not be fallen back from.
         passthrough = (comfy.model_management.InterruptProcessingException,)
+        model_part = "UNet" if isinstance(model.model.diffusion_model, UNetModel) else "transformer"
         caches = [GraphCache(part, max_shapes, autotune_convolutions, backend, passthrough=passthrough)
-                  for part in ("UNet", "VAE decode")]
+                  for part in (model_part, "VAE decode")]
         holdings = GraphHoldings(caches, cls.hidden.unique_id if cls.hidden else None)
         for cache in caches:
             cache.on_change = holdings.show
-        unet = UNetAccelerator(caches[0], model.model)
+        diffusion = DiffusionModelAccelerator(caches[0], model.model)
         accelerated = model.clone()
-        for wrapper_type, wrapper in ((comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, unet.diffusion_model),
-                                      (comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, unet.sampler_sample)):
+        for wrapper_type, wrapper in ((comfy.patcher_extension.WrappersMP.APPLY_MODEL, diffusion.apply_model),
+                                      (comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, diffusion.sampler_sample)):
             accelerated.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)  # accelerating twice replaces
             accelerated.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, wrapper)
         accelerated_vae = AcceleratedVAE.sharing(vae, caches[1])
 
         if graph_reasons:
-            message = f"{'; '.join(sorted(graph_reasons))}: UNet and VAE decode run eager, as without this node."
+            message = f"{'; '.join(sorted(graph_reasons))}: {model_part} and VAE decode run eager, as without this node."
         else:
-            message = (f"On {model.load_device}, UNet and VAE decode are captured as CUDA graphs at the first run "
+            message = (f"On {model.load_device}, {model_part} and VAE decode are captured as CUDA graphs at the first run "
                        f"of each image size and batch (up to {max_shapes} kept each), replayed on later runs; "
                        "times go to the log.")
             if backend:
