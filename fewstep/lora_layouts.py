@@ -5,8 +5,11 @@ with ".lora_down.weight" / ".lora_up.weight" / ".alpha", which ComfyUI's comfy.l
 SD1.5/SDXL weight. ComfyUI already reads kohya and its own layout; diffusers' PEFT keys
 ("unet.….to_q.lora_A.weight"), PEFT's "base_model.model." prefix and the legacy attention-processor
 keys ("….processor.to_q_lora.down.weight") it maps only in part, so they are renamed here. Flow
-transformers' (FLUX) diffusers keys keep their "transformer." names, which ComfyUI maps itself. Only
-names change: the tensors go to ComfyUI's own loader untouched.
+transformers' (FLUX, SD3.5, Qwen-Image, Z-Image) diffusers keys keep their "transformer." names, which
+ComfyUI maps itself; the same module names without a prefix (lightx2v's Qwen-Image-Lightning files:
+"transformer_blocks.0.attn.to_q.lora_down.weight" + ".alpha"), under PEFT's "base_model.model." or with
+PEFT's adapter name (".lora_A.default.weight") are given it. Only names change: the tensors go to
+ComfyUI's own loader untouched.
 """
 from __future__ import annotations
 
@@ -36,10 +39,19 @@ _SUFFIXES = [
 _CANONICAL_SUFFIX = {"down": ".lora_down.weight", "up": ".lora_up.weight", "alpha": ".alpha"}
 _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in.", "conv_out.", "conv_norm_out.",
                "time_embedding.", "add_embedding.")
-# Top-level modules of diffusers' flow transformers (FluxTransformer2DModel; SD3Transformer2DModel shares
-# the first), as one model's save_lora_adapter writes them without the pipeline's "transformer." prefix.
+# Top-level modules of diffusers' flow transformers, as one model's save_lora_adapter (or a trainer
+# that keeps diffusers' names, lightx2v's) writes them without the pipeline's "transformer." prefix:
+# FluxTransformer2DModel and SD3Transformer2DModel (transformer_blocks, embedders, norm_out, proj_out;
+# SD3's pos_embed), QwenImageTransformer2DModel (img_in, txt_in) and ZImageTransformer2DModel (layers,
+# noise_refiner, context_refiner, t_embedder, cap_embedder, all_x_embedder, all_final_layer).
 _TRANSFORMER_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder", "context_embedder",
-                      "time_text_embed.", "norm_out.", "proj_out")
+                      "time_text_embed.", "norm_out.", "proj_out", "pos_embed.", "img_in", "txt_in",
+                      "layers.", "noise_refiner.", "context_refiner.", "t_embedder.", "cap_embedder.",
+                      "all_x_embedder.", "all_final_layer.")
+# FLUX's own (BFL) module names, as ComfyUI names the model ("diffusion_model.double_blocks.…"); fal's
+# FLUX trainers write them under PEFT's "base_model.model." prefix.
+_BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.",
+              "final_layer.")
 # diffusers' old attention-processor names in the CLIP text encoder → HF CLIP's.
 _TEXT_PROCESSOR_NAMES = {".to_q": ".q_proj", ".to_k": ".k_proj", ".to_v": ".v_proj", ".to_out": ".out_proj"}
 
@@ -47,7 +59,9 @@ _TEXT_PROCESSOR_NAMES = {".to_q": ".q_proj", ".to_k": ".k_proj", ".to_v": ".v_pr
 @dataclass
 class CanonicalLora:
     tensors: dict  # canonical key → tensor
-    layout: str  # "kohya", "diffusers", "diffusers_legacy", "peft", "peft_base_model", "comfyui"
+    # "kohya" (also OneTrainer's "lora_transformer_"), "diffusers", "diffusers_legacy", "peft",
+    # "peft_base_model", "comfyui", "lightx2v" (diffusers module names, kohya's lora_down/lora_up/alpha)
+    layout: str
     unrecognized: list[str] = field(default_factory=list)  # keys that are no LoRA weight at all
 
     @property
@@ -97,7 +111,7 @@ def _split(key: str) -> tuple[str, str] | None:
 
 def detect_layout(keys) -> str | None:
     keys = list(keys)
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")) for k in keys):
         return "kohya"
     if any(k.startswith(("diffusion_model.", "text_encoders.")) for k in keys):
         return "comfyui"
@@ -109,13 +123,18 @@ def detect_layout(keys) -> str | None:
         return "peft"
     if any(".lora.down." in k for k in keys):
         return "diffusers"
+    if any(k.endswith(".lora_down.weight") and k.startswith(_TRANSFORMER_ROOTS) for k in keys):
+        return "lightx2v"
     return None
 
 
 def _canonical_module(module: str) -> str | None:
     """kohya name of a module path in any of the diffusers-side layouts (for a flow transformer, diffusers'
     own "transformer." name); None if it is no part of a model FewStep knows."""
+    peft_prefixed = module.startswith("base_model.model.")
     module = module.removeprefix("base_model.model.")
+    if peft_prefixed and module.startswith(_BFL_ROOTS):
+        return "diffusion_model." + module  # ComfyUI's own names for FLUX: it maps them itself
     if module.startswith("transformer."):
         # ComfyUI maps diffusers' "transformer.<module>" names itself for its flow models (comfy.lora's
         # model_lora_keys_unet: Flux through comfy.utils.flux_to_diffusers, with the row slices of the fused
@@ -158,6 +177,34 @@ def _canonical_module(module: str) -> str | None:
 # rank_pattern override per module; √r with use_rslora), not 1.
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
+
+
+# PEFT's PeftModel.save_pretrained writes the weights as adapter_model.safetensors ("base_model.model.…"
+# keys, no alphas) and the LoraConfig beside them as adapter_config.json; diffusers' and PEFT's loaders
+# take lora_alpha / r from there, so FewStep does too where the file carries no config of its own.
+PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
+
+
+def with_peft_adapter_config(path: Path, metadata: dict) -> tuple[dict, str | None]:
+    """(metadata, where its LoraConfig came from): the file's own header, else the adapter_config.json PEFT
+    saved beside it — used when the file is PEFT's adapter_model.safetensors or the folder's only
+    .safetensors, so that one folder's config is never applied to another LoRA."""
+    if (metadata or {}).get(ADAPTER_METADATA_KEY):
+        return metadata, None
+    path = Path(path)
+    config_path = path.parent / PEFT_CONFIG_NAME
+    if not config_path.is_file():
+        return metadata, None
+    if path.name != PEFT_WEIGHTS_NAME and len(list(path.parent.glob("*.safetensors"))) != 1:
+        return metadata, None
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise FewStepInputError(f"the {PEFT_CONFIG_NAME} beside it is not valid JSON; save the adapter again") from None
+    fields = {k: config.get(k) for k in ("r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora")}
+    if fields["r"] is None or fields["lora_alpha"] is None:
+        return metadata, None
+    return {**(metadata or {}), ADAPTER_METADATA_KEY: json.dumps(fields)}, PEFT_CONFIG_NAME
 
 
 def adapter_configs(metadata: dict) -> dict[str | None, dict]:

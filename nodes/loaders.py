@@ -16,7 +16,8 @@ from comfy_api.latest import io
 
 from ..fewstep.detection import DETECT, resolve_settings
 from ..fewstep.families import FAMILY_NAMES, FewStepInputError, FewStepSettings
-from ..fewstep.lora_layouts import canonicalize, card_lora_scale, lora_base, read_safetensors
+from ..fewstep.lora_layouts import (canonicalize, card_lora_scale, lora_base, read_safetensors,
+                                    with_peft_adapter_config)
 from .types import FewStepSettingsType
 from .validation import check_numbers, validation_message
 
@@ -90,6 +91,7 @@ class FewStepLoraLoader(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         try:
             tensors, metadata = read_safetensors(path)
+            metadata, config_source = with_peft_adapter_config(path, metadata)
             canonical = canonicalize(tensors, metadata)
         except FewStepInputError as error:
             raise _in_file("lora_name", lora_name, error) from None
@@ -131,6 +133,8 @@ class FewStepLoraLoader(io.ComfyNode):
             new_clip.add_patches(patches, strength_clip * card_scale)
 
         lines = [settings.summary(), f"{len(modules)} LoRA modules applied ({canonical.layout} layout)"]
+        if config_source:
+            lines.append(f"lora_alpha and r from the {config_source} saved beside it")
         if card_scale != 1.0:
             lines.append(f"LoRA scale {card_scale:g} from the {settings.family} card × strength_model "
                          f"{strength_model:g} = {card_scale * strength_model:g}")

@@ -1,8 +1,9 @@
 """FewStepLoraLoader on FLUX LoRAs in their published layouts, against diffusers' own LoRA loading.
 
 One set of random LoRA weights (peft on diffusers' FluxTransformer2DModel, lora_alpha ≠ r) is written in
-diffusers' layout by FluxPipeline.save_lora_weights, and in kohya's and ComfyUI's by ComfyUI's own FLUX
-map (testing/flow_lora_factory.py). ComfyUI loads the tiny FLUX transformer with UNETLoader; each file
+diffusers' layout by FluxPipeline.save_lora_weights, in PEFT's by PeftModel.save_pretrained (alpha only in
+adapter_config.json), with ".alpha" keys under "transformer.", and in kohya's, ComfyUI's and fal's
+("base_model.model.double_blocks…") by ComfyUI's own FLUX map (testing/flow_lora_factory.py). ComfyUI loads the tiny FLUX transformer with UNETLoader; each file
 must load through the node with every key matched and patch the weights to what diffusers'
 load_lora_weights + fuse_lora gives, within 1e-5 relative (fp32 on both sides, sums in another order).
 Only the patched weights are compared: the rest of the 390M-parameter model is untouched by either side.
@@ -20,7 +21,11 @@ from tiny_flow_models import build_flow_model
 
 RELATIVE_TOLERANCE = 1e-5
 RANK, LORA_ALPHA = 8, 4.0  # scale 0.5: diffusers reads it from the header, kohya files from `.alpha`
-LAYOUTS = ["diffusers", "kohya", "comfyui"]
+LAYOUTS = ["diffusers", "kohya", "comfyui", "peft_save_pretrained", "transformer_alpha", "fal_base_model"]
+# The layout the loader must report for each file.
+REPORTED = {"diffusers": "peft", "kohya": "kohya", "comfyui": "comfyui", "peft_save_pretrained": "peft_base_model",
+            "transformer_alpha": "peft", "fal_base_model": "peft_base_model"}
+PEFT_FOLDER = "peft_flux"  # PEFT's save_pretrained output: adapter_model.safetensors + adapter_config.json
 
 
 def relative_error(ours, expected) -> float:
@@ -34,7 +39,8 @@ def flux(comfy):
 
     tiny = build_flow_model("flux_dev", comfy.models_dir)
     (model,) = comfy.nodes.UNETLoader().load_unet(tiny.unet_name, "default")
-    layers, config = flow_lora_factory.flux_peft_layers(tiny.transformer_dir, RANK, LORA_ALPHA, seed=31)
+    layers, config = flow_lora_factory.flux_peft_layers(tiny.transformer_dir, RANK, LORA_ALPHA, seed=31,
+                                                        peft_folder=comfy.models_dir / "loras" / PEFT_FOLDER)
     yield tiny, model, layers, config
     del model
     model_management.unload_all_models()
@@ -46,9 +52,13 @@ def write_layout(comfy, flux, layout: str, name: str) -> str:
     folder = comfy.models_dir / "loras"
     if layout == "diffusers":
         return flow_lora_factory.save_flux_diffusers(folder, name, layers, config)
-    prefix = {"kohya": "lora_unet_", "comfyui": "diffusion_model."}[layout]
+    if layout == "peft_save_pretrained":
+        return f"{PEFT_FOLDER}/adapter_model.safetensors"  # written by the fixture, alpha only in its JSON
+    if layout == "transformer_alpha":
+        return flow_lora_factory.save_with_alphas(layers, folder, name, scale=LORA_ALPHA / RANK, alpha_ratio=0.25)
+    prefix = {"kohya": "lora_unet_", "comfyui": "diffusion_model.", "fal_base_model": "base_model.model."}[layout]
     bfl = flow_lora_factory.to_flux_bfl(layers, model.model.model_config.unet_config, scale=LORA_ALPHA / RANK,
-                                        alpha_ratio=0.25, prefix=prefix)
+                                        alpha_ratio=None if layout == "fal_base_model" else 0.25, prefix=prefix)
     return flow_lora_factory.save(bfl, folder, name)
 
 
@@ -130,9 +140,17 @@ def test_flux_layout_patches_like_diffusers(comfy, flux, diffusers_fused, layout
     # Every LoRA module landed: 18 targets, q/k/v (and their text-side twins) sharing a fused qkv.
     assert len(patched) == len({t[0] if isinstance(t, tuple) else t for t, _ in expected.values()}) == 14
     worst = compare(patched, expected, base)
+    print(f"FLUX {layout}: max relative error {worst:.2e}")
     assert worst < RELATIVE_TOLERANCE, f"{layout}: {worst:.2e}"
     assert output.args[2].family is None  # a style LoRA: not reported as few-step
-    assert f"({'peft' if layout == 'diffusers' else layout} layout)" in "\n".join(output.ui["text"])
+    assert f"({REPORTED[layout]} layout)" in "\n".join(output.ui["text"])
+    if layout == "peft_save_pretrained":
+        assert "lora_alpha and r from the adapter_config.json saved beside it" in "\n".join(output.ui["text"])
+    if layout == "transformer_alpha":
+        # diffusers reads this file's `.alpha` keys itself (FluxLoraLoaderMixin's network alphas).
+        by_diffusers = diffusers_fused(1.0, name)
+        worst = max(relative_error(by_diffusers[m][1], expected[m][1]) for m in expected)
+        assert worst < RELATIVE_TOLERANCE, f"diffusers reading the .alpha file: {worst:.2e}"
     if layout == "kohya":
         # The kohya file is kohya's layout as diffusers reads it too (its own sd-scripts converter): the
         # same LoRA on the double blocks, the fused qkv split back. Only there: diffusers 0.42 applies
