@@ -46,7 +46,8 @@ NAME_RULES = [
     NameRule(r"hyper_flux_?1?_dev_(?P<steps>\d+)steps?", "hyper_flux", "Hyper-SD card: LoRA scale 0.125, guidance 3.5"),
     NameRule(r"flux_?1?_turbo_alpha", "flux_turbo_alpha", "FLUX.1-Turbo-Alpha card: 8 steps, guidance 3.5"),
     NameRule(r"flux_?1?_schnell", "flux_schnell", "FLUX.1-schnell card: 4 steps"),
-    NameRule(r"qwen_image(_edit(_\d+)?)?_lightning_(?P<steps>\d+)steps?", "qwen_image_lightning",
+    # lightx2v: Qwen-Image-, Qwen-Image-2512-, Qwen-Image-Edit-, Qwen-Image-Edit-2509/2511-Lightning-<n>steps-V…
+    NameRule(r"qwen_image(_edit)?(_\d+)?_lightning_(?P<steps>\d+)steps?", "qwen_image_lightning",
              "Qwen-Image-Lightning card: shift 3"),
     NameRule(r"sd3_?5_large_turbo", "sd35_large_turbo", "SD3.5 Large Turbo card: 4 steps"),
     NameRule(r"z_image_turbo", "z_image_turbo", "Z-Image-Turbo card: 9 steps"),
@@ -61,18 +62,35 @@ NAME_RULES = [
 METADATA_NAME_KEYS = ("ss_output_name", "modelspec.title", "name")
 
 
+# Names the libraries give every file they write (diffusers' save_pretrained and save_lora_weights, PEFT's
+# save_pretrained, sharded saves): such a file is named by the folder it was downloaded into, e.g.
+# "FLUX.1-Turbo-Alpha/diffusion_pytorch_model.safetensors" (alimama-creative/FLUX.1-Turbo-Alpha).
+GENERIC_FILE_NAMES = re.compile(
+    r"(diffusion_pytorch_model|pytorch_lora_weights|adapter_model|model|lora)(_\d+_of_\d+)?")
+
+
 def normalise(name: str) -> str:
-    name = name.rsplit("/", 1)[-1].lower()
+    name = re.split(r"[/\\]", name)[-1].lower()
     name = re.sub(r"\.(safetensors|ckpt|pt|pth|bin)$", "", name)
     return re.sub(r"[-\s.]+", "_", name)
 
 
+def _named_parts(name: str) -> list[str]:
+    """The file's own name, then — for a generic library file name — its folders, nearest first."""
+    parts = [part for part in re.split(r"[/\\]", name) if part]
+    if not parts or not GENERIC_FILE_NAMES.fullmatch(normalise(parts[-1])):
+        return parts[-1:]
+    return [parts[-1], *reversed(parts[:-1])]
+
+
 def settings_from_name(name: str, source: str, reason: str) -> FewStepSettings | None:
-    normalised = normalise(name)
-    for rule in NAME_RULES:
-        match = re.search(rule.pattern, normalised)
-        if match:
-            return rule.settings(match, normalised, source, reason)
+    for part in _named_parts(name):
+        normalised = normalise(part)
+        for rule in NAME_RULES:
+            match = re.search(rule.pattern, normalised)
+            if match:
+                where = reason if part == _named_parts(name)[0] else f"{reason}: folder '{part}'"
+                return rule.settings(match, normalised, source, where)
     return None
 
 

@@ -152,6 +152,18 @@ def to_comfy_modules(layers: dict, diffusers_to_comfy: dict, scale: float, alpha
     return out
 
 
+def to_onetrainer(layers: dict, scale: float, alpha_ratio: float) -> dict:
+    """OneTrainer's names: "lora_transformer_" + diffusers' module path with underscores, kohya's
+    lora_down/lora_up and a ".alpha" (alpha_ratio × rank), the ups rescaled as in to_comfy_modules."""
+    out = {}
+    for module, (down, up) in _peft_modules(layers).items():
+        name = "lora_transformer_" + module.replace(".", "_")
+        out[f"{name}.lora_down.weight"] = down
+        out[f"{name}.lora_up.weight"] = up * (scale / alpha_ratio)
+        out[f"{name}.alpha"] = torch.tensor(alpha_ratio * down.shape[0])
+    return out
+
+
 def save(lora: dict, folder: Path, name: str, metadata: dict | None = None) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in lora.items()}, str(folder / name), metadata=metadata)

@@ -66,6 +66,18 @@ FLOW_PUBLISHED = [
     ("Hyper-FLUX.1-dev-16steps-lora.safetensors", "hyper_flux", 16),
     ("flux.1-turbo-alpha-lora.safetensors", "flux_turbo_alpha", 8),
     ("z_image_turbo_bf16.safetensors", "z_image_turbo", 9),
+    ("flux1-schnell-fp8.safetensors", "flux_schnell", 4),
+    ("sd3.5_large_turbo_fp8_scaled.safetensors", "sd35_large_turbo", 4),
+    ("Qwen-Image-Lightning-8steps-V1.1-bf16.safetensors", "qwen_image_lightning", 8),
+    ("Qwen-Image-Lightning-8steps-V2.0.safetensors", "qwen_image_lightning", 8),
+    ("Qwen-Image-2512-Lightning-4steps-V1.0-fp32.safetensors", "qwen_image_lightning", 4),
+    ("Qwen-Image-Edit-Lightning-8steps-V1.0.safetensors", "qwen_image_lightning", 8),
+    ("Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors", "qwen_image_lightning", 4),
+    # Files with the libraries' generic names are named by the folder they were downloaded into.
+    ("FLUX.1-Turbo-Alpha/diffusion_pytorch_model.safetensors", "flux_turbo_alpha", 8),
+    ("FLUX.1-Turbo-Alpha\\diffusion_pytorch_model.safetensors", "flux_turbo_alpha", 8),
+    ("Hyper-FLUX.1-dev-8steps-lora/pytorch_lora_weights.safetensors", "hyper_flux", 8),
+    ("Z-Image-Turbo/transformer/diffusion_pytorch_model.safetensors", "z_image_turbo", 9),
 ]
 
 
@@ -73,6 +85,26 @@ FLOW_PUBLISHED = [
 def test_flow_published_names(name, family, steps):
     settings = detect_settings(name)
     assert (settings.family, settings.steps, settings.cfg) == (family, steps, 1.0)
+
+
+def test_generic_file_in_a_plain_folder_is_not_few_step():
+    assert detect_settings("my_style/diffusion_pytorch_model.safetensors").family is None
+    # A file's own name wins over its folder's.
+    assert detect_settings("sdxl_lightning/my_style.safetensors").family is None
+
+
+@pytest.mark.parametrize("name,scale", [
+    ("Hyper-FLUX.1-dev-8steps-lora.safetensors", 0.125),  # Hyper-SD card: fuse_lora(lora_scale=0.125)
+    ("Hyper-FLUX.1-dev-16steps-lora.safetensors", 0.125),
+    ("FLUX.1-Turbo-Alpha/diffusion_pytorch_model.safetensors", 1.0),
+    ("Qwen-Image-Lightning-4steps-V1.0.safetensors", 1.0),
+    ("sdxl_lightning_4step_lora.safetensors", 1.0),
+    ("watercolor_style_v2.safetensors", 1.0),
+])
+def test_card_lora_scale_of_published_files(name, scale):
+    from comfyui_fewstep.fewstep.lora_layouts import card_lora_scale
+
+    assert card_lora_scale(detect_settings(name).family) == scale
 
 
 def test_family_must_fit_the_model_base():

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import flow_lora_factory
+from flow_lora_checks import RELATIVE_TOLERANCE, comfy_patched, compare, diffusers_fused_weights, relative_error
 from tiny_flow_models import build_flow_model
 
-RELATIVE_TOLERANCE = 1e-5
 RANK, LORA_ALPHA = 8, 4.0  # scale 0.5: diffusers reads it from the header, kohya files from `.alpha`
 LAYOUTS = ["diffusers", "kohya", "comfyui", "peft_save_pretrained", "transformer_alpha", "fal_base_model"]
 # The layout the loader must report for each file.
@@ -28,8 +28,7 @@ REPORTED = {"diffusers": "peft", "kohya": "kohya", "comfyui": "comfyui", "peft_s
 PEFT_FOLDER = "peft_flux"  # PEFT's save_pretrained output: adapter_model.safetensors + adapter_config.json
 
 
-def relative_error(ours, expected) -> float:
-    return ((ours.float() - expected.float()).abs().max() / expected.float().abs().max().clamp_min(1e-12)).item()
+FLUX_PIPELINE_PARTS = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
 
 @pytest.fixture(scope="module")
@@ -62,27 +61,10 @@ def write_layout(comfy, flux, layout: str, name: str) -> str:
     return flow_lora_factory.save(bfl, folder, name)
 
 
-def comfy_patched(comfy, model, lora_name, strength=1.0, family="detect"):
-    """The node's output, and the weights ComfyUI patches it to when it loads the model for sampling."""
-    from comfy import model_management as management
-
-    loader = comfy.nodes.NODE_CLASS_MAPPINGS["FewStepLoraLoader"]
-    output = loader.execute(model=model, clip=None, lora_name=lora_name, strength_model=strength,
-                            strength_clip=1.0, family=family)
-    new_model = output.args[0]
-    patched_keys = {key[0] if isinstance(key, tuple) else key for key in new_model.patches}
-    management.load_models_gpu([new_model], force_full_load=True)
-    state = new_model.model.state_dict()
-    weights = {key: state[key].clone() for key in patched_keys}
-    management.unload_all_models()
-    return output, weights
-
-
 @pytest.fixture(scope="module")
 def diffusers_fused(comfy, flux):
     """diffusers' fused weights of the diffusers-layout file at a lora_scale, as ComfyUI keys and rows."""
     from comfy import utils as comfy_utils
-    from diffusers import FluxPipeline, FluxTransformer2DModel
 
     tiny, model, layers, config = flux
     name = write_layout(comfy, flux, "diffusers", "reference_flux.safetensors")
@@ -92,42 +74,12 @@ def diffusers_fused(comfy, flux):
 
     def fused(scale: float, weight_name: str = name) -> dict:
         if (scale, weight_name) not in cache:
-            transformer = FluxTransformer2DModel.from_pretrained(str(tiny.transformer_dir), torch_dtype=torch.float32)
-            pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                                tokenizer_2=None, transformer=transformer)
-            pipe.load_lora_weights(str(comfy.models_dir / "loras"), weight_name=weight_name)
-            pipe.fuse_lora(lora_scale=scale)
-            pipe.unload_lora_weights()
-            state = transformer.state_dict()
-            cache[scale, weight_name] = {module: (to_comfy[module + ".weight"], state[module + ".weight"].clone())
-                            for module in modules}
-            del pipe, transformer, state
-            gc.collect()
+            cache[scale, weight_name] = diffusers_fused_weights(
+                "FluxPipeline", "FluxTransformer2DModel", tiny.transformer_dir, comfy.models_dir / "loras",
+                weight_name, scale, modules, to_comfy, FLUX_PIPELINE_PARTS)
         return cache[scale, weight_name]
 
     return fused
-
-
-def _at(weights: dict, target):
-    """A diffusers module's weight inside ComfyUI's, by comfy.utils.flux_to_diffusers' (key, rows, fn)."""
-    if isinstance(target, str):
-        return weights[target]
-    ours = weights[target[0]]
-    if target[1] is not None:
-        ours = ours.narrow(*target[1])
-    return target[2](ours) if len(target) > 2 else ours  # swap_scale_shift is its own inverse
-
-
-def compare(patched: dict, expected: dict, base: dict) -> float:
-    """Largest relative error over the diffusers modules, each at its place in ComfyUI's (fused) weight."""
-    worst = 0.0
-    for target, weight in expected.values():
-        ours = _at(patched, target)
-        assert ours.shape == weight.shape, target
-        # The LoRA moves every weight far more than the tolerance, so a wrong scale cannot pass.
-        assert relative_error(_at(base, target), weight) > 100 * RELATIVE_TOLERANCE, target
-        worst = max(worst, relative_error(ours, weight))
-    return worst
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
