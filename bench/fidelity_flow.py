@@ -113,7 +113,8 @@ def flow_cases(family_bases: dict[str, str], families=None) -> list[tuple[str, i
 
 class FewStepBenchConditioning:
     """Bench-only node: a stand-in text encoding shaped as ComfyUI's encoders give it
-    ([[hidden states, {"pooled_output": pooled}]]); `negative` gives the empty-prompt stand-in."""
+    ([[hidden states, {"pooled_output": pooled}]]; Qwen-Image's and Z-Image's give no pooled output);
+    `negative` gives the empty-prompt stand-in."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -128,6 +129,8 @@ class FewStepBenchConditioning:
 
         seed = MODEL_SEED + 2 + (NEGATIVE_SEED_OFFSET if negative else 0)  # conditioning()'s default seed
         prompt_embeds, pooled = conditioning(seed, base=base or None)
+        if base in ("qwen_image", "z_image"):
+            return ([[prompt_embeds, {}]],)
         return ([[prompt_embeds, {"pooled_output": pooled}]],)
 
 
@@ -208,6 +211,14 @@ def _image_latent(harness, latent_size) -> tuple[str, torch.Tensor]:
     return name, latent
 
 
+def _processed(latent_format, latent: torch.Tensor) -> torch.Tensor:
+    """latent_format.process_in of a (1, 16, h, w) LATENT, in that layout: Wan 2.1's (Qwen-Image's)
+    per-channel mean and std are 5-D, so the latent takes a frame axis for it, as ComfyUI's sampler gives it."""
+    if latent_format.latent_dimensions == 3:
+        return latent_format.process_in(latent.unsqueeze(2)).squeeze(2)
+    return latent_format.process_in(latent)
+
+
 def _release(harness) -> None:
     """Let the last base go: the executor's cached outputs hold its MODEL (the tiny FLUX is 1.6 GB)."""
     import comfy.model_management
@@ -237,10 +248,13 @@ def run_flow(harness, families=None) -> list[tuple]:
         latent_format = getattr(comfy.supported_models, tiny.comfy_class).latent_format()
         latent_file, image = _image_latent(harness, latent_size) if denoise < 1 else (None, None)
         expected = reference.sample(family, steps, denoise, latent_size, SEED,
-                                    None if image is None else latent_format.process_in(image))
+                                    None if image is None else _processed(latent_format, image))
 
         def distance(prompt) -> float:
+            # Qwen-Image's LATENT comes out 5-D, with the frame axis ComfyUI's sampler gives it.
             ours = latent_format.process_in(harness.run(prompt).latent("save"))
+            if ours.shape != expected.shape:
+                raise RuntimeError(f"{family}: ComfyUI's latent {tuple(ours.shape)} against diffusers' {tuple(expected.shape)}")
             return (ours - expected).abs().max().item()
 
         fewstep = distance(fewstep_flow_prompt(tiny, family, steps, denoise, latent_size, latent_file))
