@@ -24,6 +24,7 @@ decode stages (PhaseClock).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -44,6 +45,7 @@ from comfyui_fewstep.fewstep.families import get_family  # noqa: E402
 from comfyui_fewstep.fewstep.schedules import reference_scheduler  # noqa: E402
 
 from gpu_comfy import CaptureLog, Comfy, comfy_cells  # noqa: E402
+from gpu_flow import FLOW_BASES, FLOW_CONFIGS, build_flow, diffusers_flow_inputs, is_flow  # noqa: E402
 from gpu_models import Built, COLUMNS, CONFIGS, PROMPT, SEED, SKIPPED, build_full, build_tiny, tiny_config  # noqa: E402
 from gpu_report import device_ceilings, environment, write_report  # noqa: E402
 from gpu_timing import Cell, Marks, Memory, log, median, over_budget, synchronize  # noqa: E402
@@ -59,8 +61,9 @@ def diffusers_cells(built: Built, configs, args, memory: Memory, cuda: bool, res
         pipe.load_lora_weights(dict(built.lora))  # the LCM-LoRA card: load_lora_weights, then fuse_lora
         pipe.fuse_lora()
     unet_marks = Marks(cuda)
-    pipe.unet.register_forward_pre_hook(lambda *_: unet_marks.start())
-    pipe.unet.register_forward_hook(lambda *_: unet_marks.stop())
+    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    denoiser.register_forward_pre_hook(lambda *_: unet_marks.start())
+    denoiser.register_forward_hook(lambda *_: unet_marks.stop())
     decode_started = []
     decode = pipe.vae.decode
 
@@ -82,6 +85,8 @@ def diffusers_cells(built: Built, configs, args, memory: Memory, cuda: bool, res
             pipe.scheduler = reference_scheduler(family)
 
             def encode():
+                if built.conditioning is not None:  # the flow rows: fixed tensors, no text encoders
+                    return diffusers_flow_inputs(built)
                 if sdxl:
                     embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, device=device, num_images_per_prompt=1,
                                                               do_classifier_free_guidance=False)
@@ -97,7 +102,7 @@ def diffusers_cells(built: Built, configs, args, memory: Memory, cuda: bool, res
                     embeds = encode()
                     synchronize(cuda)
                     text_ms.append((time.perf_counter() - started) * 1e3)
-            cell.text_ms = median(text_ms[args.warmups:])
+            cell.text_ms = median(text_ms[args.warmups:]) if built.conditioning is None else float("nan")
 
             def generate(batch: int, seed: int) -> float:
                 extra = {"timesteps": list(config.diffusers_timesteps)} if config.diffusers_timesteps else {}
@@ -111,7 +116,7 @@ def diffusers_cells(built: Built, configs, args, memory: Memory, cuda: bool, res
                 assert images.shape[0] == batch
                 return (ended - started) * 1e3, (ended - decode_started[-1]) * 1e3
 
-            for batch in (1, 4):
+            for batch in config.batches:
                 warmups, reps = (args.warmups, args.reps) if batch == 1 else (args.warmups4, args.reps4)
                 with torch.inference_mode():
                     first = generate(batch, SEED)[0]
@@ -146,7 +151,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true",
                         help="CUDA, the tests' tiny models at 64²: each prompt's own host time with next to no GPU "
                              "work (the end-to-end ms targets are not judged on it)")
-    parser.add_argument("--configs", default=",".join(c.key for c in CONFIGS))
+    parser.add_argument("--configs", default=",".join(c.key for c in CONFIGS),
+                        help="comma-separated keys: " + ", ".join(c.key for c in CONFIGS + FLOW_CONFIGS)
+                             + " (the flow rows, FLUX.1-schnell and SD3.5 Large Turbo, are not in the default)")
+    parser.add_argument("--flow-batch4", action="store_true", help="also time batch 4 on the flow rows")
     parser.add_argument("--warmups", type=int, default=None, help="untimed runs first at batch 1 (default 3; smoke 1)")
     parser.add_argument("--warmups4", type=int, default=None, help="untimed runs first at batch 4 (default 2; smoke 1)")
     parser.add_argument("--reps", type=int, default=None, help="timed runs at batch 1 (default 10; smoke 1)")
@@ -181,7 +189,14 @@ def main(argv=None) -> int:
     args.warmups4 = args.warmups4 or (1 if args.smoke else 2)
     args.reps = args.reps or (1 if args.smoke else 10)
     args.reps4 = args.reps4 or (1 if args.smoke else 6)
-    chosen = [c for c in CONFIGS if c.key in args.configs.split(",")]
+    keys = args.configs.split(",")
+    unknown = sorted(set(keys) - {c.key for c in CONFIGS + FLOW_CONFIGS})
+    if unknown:
+        parser.error(f"--configs: unknown {', '.join(unknown)}; choose from "
+                     + ", ".join(c.key for c in CONFIGS + FLOW_CONFIGS))
+    chosen = [c for c in CONFIGS + FLOW_CONFIGS if c.key in keys]
+    if args.flow_batch4:
+        chosen = [dataclasses.replace(c, batches=(1, 4)) if is_flow(c) else c for c in chosen]
     if tiny:
         chosen = [tiny_config(c) for c in chosen]
     out = Path(args.out)
@@ -208,11 +223,20 @@ def main(argv=None) -> int:
         write_report(out, chosen, results, env, args)
     dtype = torch.float16 if cuda else torch.float32
     models = base_directory / "models"
-    for base in ("sdxl", "sd15"):
+    for base in ("sdxl", "sd15", *FLOW_BASES):
         group = [c for c in chosen if c.base == base]
         if not group:
             continue
-        built = build_tiny(base, models) if tiny else build_full(base, models, "cuda", dtype)
+        if over_budget(args):  # nothing of this model would be timed: do not spend the budget building it
+            for config in group:
+                for column in COLUMNS:
+                    results[config.key][column] = Cell(error=SKIPPED)
+            save()
+            continue
+        if base in FLOW_BASES:  # bf16, as FLUX.1 and SD3.5 are published and run
+            built = build_flow(base, models, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32, tiny)
+        else:
+            built = build_tiny(base, models) if tiny else build_full(base, models, "cuda", dtype)
         if not args.paired_only:
             diffusers_cells(built, group, args, memory, cuda, results, save)
         built.pipeline_factory = None  # drop the diffusers modules before ComfyUI loads its copy
@@ -225,6 +249,9 @@ def main(argv=None) -> int:
         runner.executor.reset()
         management.unload_all_models()
         management.cleanup_models()
+        for path in built.files:  # the 64 GB disk of a device machine holds one real-size model at a time
+            path.unlink(missing_ok=True)
+        del built
         gc.collect()
         memory.reset()
         write_report(out, chosen, results, env, args)  # what is done so far, should the run be cut short

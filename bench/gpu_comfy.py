@@ -20,6 +20,7 @@ from interleaved_pairs import interleaved_pairs  # noqa: E402
 
 from comfyui_fewstep.fewstep.acceleration import agreement  # noqa: E402
 
+from gpu_flow import BenchFlowConditioning, flow_prompt, is_flow, transformer_classes  # noqa: E402
 from gpu_models import ABLATION, Built, CHECK_SEED, COLUMNS, Config, NATIVE_ROUTES, PROMPT, SEED, SKIPPED  # noqa: E402
 from gpu_timing import Cell, Marks, Memory, PHASES, PhaseClock, log, median, over_budget, synchronize  # noqa: E402
 
@@ -38,6 +39,7 @@ class Comfy(InProcessComfy):
         self.last_run = (float("nan"), float("nan"))  # host clock at the start and end of the last execution
         self.nodes.NODE_CLASS_MAPPINGS["FewStepBenchSink"] = self._sink_class()
         self.nodes.NODE_CLASS_MAPPINGS["FewStepBenchConditioningSink"] = _ConditioningSink
+        self.nodes.NODE_CLASS_MAPPINGS["FewStepBenchFlowConditioning"] = BenchFlowConditioning
         self.executor = self.execution.PromptExecutor(_QuietServer(), cache_type=self.execution.CacheType.CLASSIC,
                                                       cache_args={"lru": 0, "ram": 0})
 
@@ -120,6 +122,8 @@ def comfy_prompt(config: Config, built: Built, route: str, batch: int, seed: int
                  chain: str = "", accelerate: dict | None = None) -> dict:
     """An API prompt for one column ('native', 'fewstep', 'accelerated'); `chain` prefixes node ids
     so that two routes can sit in one prompt; `accelerate`: FewStepAccelerate's settings."""
+    if is_flow(config):
+        return flow_prompt(config, built, route, batch, seed, tag, chain, accelerate)
     p = chain
     prompt = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": built.checkpoint_name}},
@@ -191,14 +195,17 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     unet_marks, vae_ms, text_ms, clock = Marks(cuda), [], [], PhaseClock()
-    forward = UNetModel.forward
+    denoisers = [UNetModel, *transformer_classes()]  # the UNet, and the flow rows' transformers
+    forwards = {cls: cls.forward for cls in denoisers}
 
-    def timed_forward(self, *a, **k):
-        unet_marks.start()
-        try:
-            return forward(self, *a, **k)
-        finally:
-            unet_marks.stop()
+    def timed_forward(forward):
+        def wrapper(self, *a, **k):
+            unet_marks.start()
+            try:
+                return forward(self, *a, **k)
+            finally:
+                unet_marks.stop()
+        return wrapper
 
     def timed(method, sink, begin=None, end=None):
         def wrapper(self, *a, **k):
@@ -224,7 +231,8 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
 
     decode, encode = comfy.nodes.VAEDecode.decode, comfy.nodes.CLIPTextEncode.encode
     sample, sample_custom = comfy_sample.sample, comfy_sample.sample_custom
-    UNetModel.forward = timed_forward
+    for cls, forward in forwards.items():
+        cls.forward = timed_forward(forward)
     comfy.nodes.VAEDecode.decode = timed(decode, vae_ms, "decoding", "decoded")
     comfy.nodes.CLIPTextEncode.encode = timed(encode, text_ms)
     comfy_sample.sample, comfy_sample.sample_custom = stamped(sample), stamped(sample_custom)
@@ -235,7 +243,8 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
             text = float("nan")
             try:
                 text_ms.clear()
-                for i in range(0 if args.paired_only else args.warmups + args.reps):
+                # (the flow rows feed fixed conditioning: no text encoders to time)
+                for i in range(0 if args.paired_only or built.checkpoint_name is None else args.warmups + args.reps):
                     comfy.run({
                         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": built.checkpoint_name}},
                         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": f"{PROMPT}, variant {i}", "clip": ["ckpt", 1]}},
@@ -257,7 +266,7 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
                     cells[config.key][column] = cell
                     continue
                 try:
-                    for batch in (1, 4):
+                    for batch in config.batches:
                         warmups, reps = (args.warmups, args.reps) if batch == 1 else (args.warmups4, args.reps4)
                         before = len(captures.records)
                         first = comfy.run(comfy_prompt(config, built, route, batch, SEED, accelerate=accelerate))
@@ -291,7 +300,7 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
                             cell.e2e4_ms, cell.unet4_ms, cell.vae4_ms, cell.peak4_gib = stats
                             cell.capture4_s = capture_s
                     if route == "accelerated":
-                        cell.check = accelerated_agreement(comfy, config, built, accelerate)
+                        cell.check = accelerated_agreement(comfy, config, built, accelerate, config.batches)
                     log(f"ComfyUI {column} {config.key}: {cell.e2e_ms:.1f} ms (b1), {cell.e2e4_ms:.1f} ms (b4)"
                         + (f", capture {cell.capture_s:.2f}s + {cell.capture4_s:.2f}s, " + "; ".join(
                             f"{b} latent {c['latent']} image {c['image']}" for b, c in cell.check.items())
@@ -315,7 +324,8 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
                     log(f"paired native/FewStep {config.key} FAILED: {error}\n{traceback.format_exc()}")
                 save()
     finally:
-        UNetModel.forward = forward
+        for cls, forward in forwards.items():
+            cls.forward = forward
         comfy.nodes.VAEDecode.decode, comfy.nodes.CLIPTextEncode.encode = decode, encode
         comfy_sample.sample, comfy_sample.sample_custom = sample, sample_custom
 

@@ -6,7 +6,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ class Config:
     lora: bool = False
     diffusers_timesteps: tuple | None = None  # passed to the pipeline where the card passes them
     targets_ms: float | None = None  # the issue's end-to-end target with acceleration (H100)
+    batches: tuple = (1, 4)  # batch sizes timed (the 12B/8B flow rows: batch 1)
 
 
 CONFIGS = [  # turbo first: the quickest exercise of every column
@@ -77,17 +78,22 @@ SD15_LDM = dict(num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transfor
 def tiny_config(config: Config) -> Config:
     """`config` for the tests' tiny models (--smoke, --tiny): 64² images, no end-to-end target."""
     return Config(config.key, config.title.replace("1024²", "64²").replace("512²", "64²") + ", tiny model",
-                  config.base, config.family, config.steps, 64, config.lora, config.diffusers_timesteps)
+                  config.base, config.family, config.steps, 64, config.lora, config.diffusers_timesteps,
+                  batches=config.batches)
 
 
 # ------------------------------------------------------------------------------------------- models
 
 @dataclass
 class Built:
-    checkpoint_name: str
+    checkpoint_name: str | None  # None: the flow rows load a diffusion model and a VAE apart
     pipeline_factory: object  # () → diffusers pipeline on the device
     lora_name: str | None = None
     lora: dict | None = None  # the same LoRA for diffusers' load_lora_weights
+    unet_name: str | None = None  # flow rows: under models/diffusion_models, for UNETLoader
+    vae_name: str | None = None  # flow rows: under models/vae, for VAELoader
+    conditioning: dict | None = None  # flow rows: tag → (prompt embeds, pooled), fed to both sides
+    files: list = field(default_factory=list)  # written for this model only: deleted after its rows (disk)
 
 
 def random_lora(unet_config: dict, device, dtype, seed: int) -> dict:

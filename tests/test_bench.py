@@ -162,3 +162,27 @@ def test_gpu_bench_reports_cells_skipped_for_the_time_budget_without_failing(tmp
     report = (tmp_path / "results.md").read_text()
     assert report.count(f"| {SKIPPED} |") == len(COLUMNS) + 1 and "failed" not in report
     assert f"pairs not measured ({SKIPPED})" in report
+
+
+def test_gpu_bench_flow_rows_smoke(tmp_path):
+    """bench/gpu.py's FLUX.1-schnell and SD3.5 Large Turbo rows on the tiny transformers (CPU): diffusers'
+    pipelines and the three ComfyUI columns, fed the same conditioning, each timed at batch 1 with its
+    transformer calls and decode; the accelerated column agrees with the eager one."""
+    comfyui = require_comfyui()
+    environment = {**os.environ, "COMFYUI_PATH": str(comfyui)}
+    run = subprocess.run([sys.executable, str(PACK_ROOT / "bench" / "gpu.py"), "--smoke", "--configs",
+                          "flux_schnell,sd35_turbo", "--out", str(tmp_path)],
+                         env=environment, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    for key in ("flux_schnell", "sd35_turbo"):
+        for column in COLUMNS:
+            cell = results[key][column]
+            assert not cell["error"], (key, column, cell["error"])
+            assert cell["e2e_ms"] > 0 and cell["unet_ms"] > 0 and cell["vae_ms"] > 0, (key, column)
+            assert cell["e2e4_ms"] is None and cell["text_ms"] is None  # batch 1 only; no text encoders
+        check = results[key][COLUMNS[3]]["check"]
+        assert list(check) == ["b1"] and check["b1"]["finite"] is True
+    report = (tmp_path / "results.md").read_text()
+    assert "| FLUX.1-schnell 4-step 64², tiny model | ComfyUI native |" in report
+    assert "KSampler euler sgm_uniform cfg 1.2" in report
