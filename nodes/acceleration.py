@@ -2,8 +2,8 @@
 per input shape.
 
 Thin glue: capture, per-shape caching and the weight check are fewstep.acceleration's. They are
-attached through ComfyUI's own mechanisms: a ModelPatcher clone carrying an APPLY_MODEL wrapper
-(around BaseModel._apply_model) and a SAMPLER_SAMPLE wrapper (one sampling run), see
+attached through ComfyUI's own mechanisms: a ModelPatcher clone carrying a DIFFUSION_MODEL wrapper
+(around the UNet's or transformer's forward; APPLY_MODEL for SD3's MMDiT) and a SAMPLER_SAMPLE wrapper (one sampling run), see
 comfy/patcher_extension.py; and a VAE object that shares the loaded VAE's weights and patcher and
 overrides decode. ComfyUI already fuses LoRA weights into the model when it loads it (ModelPatcher
 patches the weights themselves), so a graph of the patched model runs no LoRA code at all.
@@ -38,27 +38,37 @@ from ..fewstep.acceleration import (
     group_norm_for_compiler,
     tensor_signature,
 )
-from ..fewstep.acceleration.model_inputs import NotCapturable, flatten_conditioning
+from ..fewstep.acceleration.model_inputs import BoundCall, NotCapturable, flatten_conditioning
 
 WRAPPER_KEY = "fewstep_accelerate"
 log = logging.getLogger("fewstep.acceleration")
 
 
 class DiffusionModelAccelerator:
-    """The UNet or transformer part: APPLY_MODEL and SAMPLER_SAMPLE wrappers sharing one GraphCache.
+    """The UNet or transformer part: a model-call wrapper and a SAMPLER_SAMPLE wrapper sharing one GraphCache.
 
-    APPLY_MODEL wraps BaseModel._apply_model (σ to the model's input and timestep, the UNet or
-    transformer, the denoised output): the one call every ComfyUI architecture makes per step, where
-    DIFFUSION_MODEL wrappers exist only on some (SD3's MMDiT has none) and differ in their arguments.
+    The model-call wrapper is a DIFFUSION_MODEL wrapper (around the UNet's or transformer's _forward)
+    where the architecture has that wrapper point, else an APPLY_MODEL one (around BaseModel._apply_model:
+    σ to the model's input and timestep, the model, the denoised output), for SD3's MMDiT. The
+    DIFFUSION_MODEL point comes first: _apply_model's discrete-σ timestep lookup reads a table ComfyUI
+    keeps on the CPU, which no CUDA graph can capture (seen on the H200).
     """
 
     def __init__(self, graphs: GraphCache, base_model):
         self.graphs = graphs
         self.base_model = base_model  # comfy.model_base.BaseModel, shared by every clone of the patcher
 
-    def eager_reason(self, x, control, transformer_options: dict) -> str | None:
+    @staticmethod
+    def wrapper_type(base_model):
+        # The architectures that call DIFFUSION_MODEL wrappers (UNetModel, Flux, QwenImage, Lumina's
+        # NextDiT, …) do it from forward() around a _forward() method; MMDiT has neither.
+        has_point = callable(getattr(type(base_model.diffusion_model), "_forward", None))
+        return (comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL if has_point
+                else comfy.patcher_extension.WrappersMP.APPLY_MODEL)
+
+    def eager_reason(self, device, control, transformer_options: dict) -> str | None:
         """Why this model call cannot be replayed from a graph, or None."""
-        reason = cuda_graph_unavailable_reason(x.device)
+        reason = cuda_graph_unavailable_reason(device)
         if reason is not None:
             return reason
         if control is not None:
@@ -76,30 +86,34 @@ class DiffusionModelAccelerator:
             return "the model's weights are cast to the compute dtype per layer (manual cast)"
         return None
 
-    def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
-                    **conds):
-        reason = self.eager_reason(x, control, transformer_options)
+    def model_call(self, executor, *args, **kwargs):
+        call = BoundCall.of(executor.original, args, kwargs)
+        inputs = dict(call.arguments)
+        control = inputs.pop("control", None)
+        transformer_options = inputs.pop("transformer_options", None) or {}
+        x = next(iter(inputs.values()))  # the latent: every model function's first parameter
+        reason = self.eager_reason(x.device, control, transformer_options)
         if reason is None:
             try:
-                flat = flatten_conditioning({"c_concat": c_concat, "c_crossattn": c_crossattn, **conds})
+                flat = flatten_conditioning(inputs)
             except NotCapturable as error:
                 reason = str(error)
         if reason is None:
-            signature = (tensor_signature(x), tensor_signature(t), flat.signature(), torch.is_inference_mode_enabled())
+            signature = (flat.signature(), torch.is_inference_mode_enabled())
 
             # A copy: the compile worker may trace this function while ComfyUI goes on changing the
             # options it passes to later calls.
             options = dict(transformer_options)
 
-            def forward(x_, t_, *tensors):
-                return executor(x_, t_, control=None, transformer_options=options, **flat.rebuild(tensors))
+            def forward(*tensors):
+                return call.call(executor, {**flat.rebuild(tensors), "control": None, "transformer_options": options})
 
-            output = self.graphs.run(signature, forward, [x, t, *flat.tensors], executor.class_obj)
+            output = self.graphs.run(signature, forward, flat.tensors, executor.class_obj)
             if output is not None:
                 return output.clone()  # the graph's output buffer is rewritten by the next replay
         else:
             self.graphs.eager(reason)
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **conds)
+        return executor(*args, **kwargs)
 
     def sampler_sample(self, executor, *args, **kwargs):
         # Models are loaded (and weights patched) before the sampler runs and not during it, so each
@@ -272,7 +286,7 @@ class FewStepAccelerate(io.ComfyNode):
             cache.on_change = holdings.show
         diffusion = DiffusionModelAccelerator(caches[0], model.model)
         accelerated = model.clone()
-        for wrapper_type, wrapper in ((comfy.patcher_extension.WrappersMP.APPLY_MODEL, diffusion.apply_model),
+        for wrapper_type, wrapper in ((diffusion.wrapper_type(model.model), diffusion.model_call),
                                       (comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, diffusion.sampler_sample)):
             accelerated.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)  # accelerating twice replaces
             accelerated.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, wrapper)

@@ -1,7 +1,8 @@
 """Few-Step Accelerate on the flow-matching transformers (FLUX, SD3.5's MMDiT), in real ComfyUI on CPU.
 
-The node hooks BaseModel.apply_model, the one call every architecture makes per step; each passes its
-conditioning differently (SDXL's `y`, FLUX's `guidance` tensor, Lumina 2's `num_tokens` number).
+The node wraps each architecture's model call (DIFFUSION_MODEL; APPLY_MODEL for the MMDiT, which has
+no such wrapper point); each takes its inputs differently (SDXL's `y`, FLUX's `guidance` tensor,
+Lumina 2's `num_tokens` number).
 CUDA graphs need a GPU, so here (as in test_acceleration) the capture is replaced by what it wraps:
 the node's function compiled by Dynamo with the `aot_eager` backend, which must trace ComfyUI's
 apply_model, the transformer and its conditioning rebuilt from the graph's inputs, and compute what
@@ -18,7 +19,7 @@ import flow_conditioning
 from tiny_flow_models import build_flow_model
 
 from comfyui_fewstep.fewstep.acceleration import compile_for_one_shape
-from comfyui_fewstep.fewstep.acceleration.model_inputs import NotCapturable, flatten_conditioning
+from comfyui_fewstep.fewstep.acceleration.model_inputs import BoundCall, NotCapturable, flatten_conditioning
 
 SEED = 7
 # aot_eager runs the traced ATen ops one by one, the same kernels as eager on CPU; what can differ is
@@ -29,12 +30,12 @@ TOLERANCE = 1e-4
 def test_conditioning_is_split_into_graph_inputs_and_constants():
     y, first, second = torch.ones(1, 4), torch.zeros(1, 2), torch.zeros(1, 3)
     flat = flatten_conditioning({"y": y, "num_tokens": 7, "ref_latents": [first, second], "c_concat": None})
-    assert flat.tensors == [first, second, y]  # names sorted: ref_latents, then y
+    assert [t is e for t, e in zip(flat.tensors, (y, first, second))] == [True] * 3  # in the order given
     copies = [t.clone() + 1 for t in flat.tensors]
     rebuilt = flat.rebuild(copies)
     assert rebuilt["num_tokens"] == 7 and rebuilt["c_concat"] is None
-    assert rebuilt["y"] is copies[2] and isinstance(rebuilt["ref_latents"], list)
-    assert [t is c for t, c in zip(rebuilt["ref_latents"], copies[:2])] == [True, True]
+    assert rebuilt["y"] is copies[0] and isinstance(rebuilt["ref_latents"], list)
+    assert [t is c for t, c in zip(rebuilt["ref_latents"], copies[1:])] == [True, True]
     # A different constant is a different graph; so is a different tensor shape.
     assert flat.signature() != flatten_conditioning({"y": y, "num_tokens": 8, "ref_latents": [first, second],
                                                     "c_concat": None}).signature()
@@ -42,6 +43,23 @@ def test_conditioning_is_split_into_graph_inputs_and_constants():
                                                     "ref_latents": [first, second], "c_concat": None}).signature()
     with pytest.raises(NotCapturable, match="'hooks'"):
         flatten_conditioning({"hooks": object()})
+
+
+def test_a_model_call_is_made_again_as_comfyui_made_it():
+    """Bound by the function's own signature (ComfyUI's architectures take their inputs in different
+    orders and names), called again with its positional parameters positionally."""
+    seen = []
+
+    def forward(x, timestep, context, y=None, guidance=None, control=None, transformer_options={}, **kwargs):
+        seen.append(((x, timestep, context, y, guidance, control, transformer_options), kwargs))
+
+    call = BoundCall.of(forward, (1, 2, 3, None, 5, None, {}), {"ref_latents": None})
+    assert list(call.arguments) == ["x", "timestep", "context", "y", "guidance", "control", "transformer_options",
+                                    "ref_latents"]
+    call.call(forward, {**call.arguments, "x": 10})
+    assert seen == [((10, 2, 3, None, 5, None, {}), {"ref_latents": None})]
+    with pytest.raises(TypeError):
+        BoundCall.of(lambda x, *rest: None, (1, 2), {})
 
 
 def flow_prompt(tiny, family: str, steps: int, vae_checkpoint: str | None = None) -> dict:
@@ -75,7 +93,7 @@ def flow_prompt(tiny, family: str, steps: int, vae_checkpoint: str | None = None
 
 
 @pytest.mark.parametrize("base,family,steps", [("sd35_large", "sd35_large_turbo", 4), ("flux_dev", "flux_turbo_alpha", 8)])
-def test_accelerate_traces_the_transformer_through_apply_model(comfy, sd15, monkeypatch, base, family, steps):
+def test_accelerate_traces_the_transformer_as_comfyui_calls_it(comfy, sd15, monkeypatch, base, family, steps):
     from comfy import model_management
     from torch._dynamo.testing import CompileCounterWithBackend
 

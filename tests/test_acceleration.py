@@ -201,7 +201,7 @@ def test_node_clones_the_model_and_accelerating_twice_keeps_one_wrapper(comfy, s
     node = comfy.nodes.NODE_CLASS_MAPPINGS["FewStepAccelerate"]
     once, once_vae = node.execute(model=model, vae=vae).args
     twice, _ = node.execute(model=once, vae=once_vae).args
-    for wrapper_type in (WrappersMP.APPLY_MODEL, WrappersMP.SAMPLER_SAMPLE):
+    for wrapper_type in (WrappersMP.DIFFUSION_MODEL, WrappersMP.SAMPLER_SAMPLE):
         assert model.get_all_wrappers(wrapper_type) == []  # the input MODEL is left as it was
         assert len(once.get_all_wrappers(wrapper_type)) == 1
         assert len(twice.get_all_wrappers(wrapper_type)) == 1

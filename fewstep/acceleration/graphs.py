@@ -361,7 +361,13 @@ def first_line(error: BaseException) -> str:
 def describe(signature: tuple) -> str:
     """The shapes and dtypes of a signature, for messages: '(1, 4, 128, 128) float16, …'."""
     parts = []
-    for item in signature:
+
+    def walk(item):
         if isinstance(item, tuple) and len(item) == 4 and isinstance(item[1], torch.dtype):
             parts.append(f"{item[0]} {str(item[1]).replace('torch.', '')}")
+        elif isinstance(item, tuple):
+            for inner in item:
+                walk(inner)
+
+    walk(signature)
     return ", ".join(parts) or str(signature)

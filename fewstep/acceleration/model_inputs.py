@@ -8,6 +8,7 @@ everything else is part of what the graph is specific to (its signature) and is 
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -47,10 +48,10 @@ class FlatInputs:
 
 
 def flatten_conditioning(conds: Mapping[str, Any]) -> FlatInputs:
-    """Split keyword arguments into graph inputs and constants; NotCapturable for anything else."""
+    """Split keyword arguments into graph inputs and constants (in the order given: a model function's
+    own parameter order, the latent first); NotCapturable for anything else."""
     tensors, layout = [], []
-    for name in sorted(conds):
-        value = conds[name]
+    for name, value in conds.items():
         if isinstance(value, torch.Tensor):
             layout.append((name, "tensor", len(tensors)))
             tensors.append(value)
@@ -63,3 +64,39 @@ def flatten_conditioning(conds: Mapping[str, Any]) -> FlatInputs:
             raise NotCapturable(f"the model gets an input '{name}' of type {type(value).__name__}, "
                                 "which a graph cannot take")
     return FlatInputs(tensors, tuple(layout))
+
+
+@dataclass(frozen=True)
+class BoundCall:
+    """One call of a ComfyUI model function, by parameter name, to be made again in the same order."""
+
+    parameters: tuple[inspect.Parameter, ...]
+    arguments: dict[str, Any]  # every argument by name, the **kwargs ones included
+
+    @classmethod
+    def of(cls, function, args: Sequence[Any], kwargs: Mapping[str, Any]) -> "BoundCall":
+        """`function(*args, **kwargs)` by name (a TypeError where they do not fit its signature)."""
+        signature = inspect.signature(function)
+        bound = signature.bind(*args, **kwargs)
+        arguments = {}
+        for name, value in bound.arguments.items():
+            kind = signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise TypeError(f"{len(value)} extra positional arguments")
+            elif kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(value)
+            else:
+                arguments[name] = value
+        return cls(tuple(signature.parameters.values()), arguments)
+
+    def call(self, function, arguments: Mapping[str, Any]):
+        """`function` called as the original call was: its positional parameters in order (a wrapper
+        further down ComfyUI's chain may take them positionally), the rest by keyword."""
+        arguments = dict(arguments)
+        positional = []
+        for parameter in self.parameters:
+            if parameter.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+                break
+            positional.append(arguments.pop(parameter.name, parameter.default))
+        return function(*positional, **arguments)
