@@ -99,35 +99,6 @@ def run_workflow(server: ComfyServer, name: str, prompt: dict, runs: int, seed: 
             "second_ms": times[1] if len(times) > 1 else None, "times_ms": times, "errors": errors}
 
 
-def provide_real_size(prompt: dict, later: list[dict], models: Path, device: str, built: dict) -> list[dict]:
-    """Write what `prompt` needs and is not there yet; first delete what neither it nor `later` names."""
-    import real_size_models
-
-    specs = real_size_models.specs_for_prompt(prompt)
-    wanted = {(s.folder, s.name) for s in specs}
-    for other in later:
-        wanted |= {(s.folder, s.name) for s in real_size_models.specs_for_prompt(other)}
-    for key in [k for k in built if k not in wanted]:
-        (models / key[0] / key[1]).unlink(missing_ok=True)
-        log(f"  deleted {key[0]}/{key[1]}")
-        del built[key]
-    records = []
-    for index, spec in enumerate(specs):
-        key = (spec.folder, spec.name)
-        if key not in built:
-            started = time.perf_counter()
-            real_size_models.write_random(spec, models, device, seed=1000 + len(built) + index)
-            if device == "cuda":
-                import torch
-
-                torch.cuda.empty_cache()
-            built[key] = {"file": f"{spec.folder}/{spec.name}", "description": spec.describe(),
-                          "GiB": round(spec.bytes / 2**30, 2), "write_s": round(time.perf_counter() - started, 1)}
-            log(f"  wrote {spec.describe()}: {built[key]['GiB']} GiB in {built[key]['write_s']} s")
-        records.append(built[key])
-    return records
-
-
 def report(results: dict) -> str:
     lines = ["| workflow | completed | first prompt s | second prompt s | files written (GiB, write s) | error |",
              "|---|---|---|---|---|---|"]
@@ -228,8 +199,10 @@ def main(argv=None) -> int:
                     entry["files"] = [{"file": p, "GiB": 0, "write_s": 0} for p in workflow_models.install_stand_ins(prompt, base)]
                     workflow_models.shrink_sizes(prompt)
                 else:
-                    entry["files"] = provide_real_size(prompt, [prompts[n] for n in names[position + 1:]], models,
-                                                       "cuda", built)
+                    import real_size_models
+
+                    entry["files"] = real_size_models.provide(prompt, [prompts[n] for n in names[position + 1:]],
+                                                              models, "cuda", built, log)
                 entry.update(run_workflow(server, name, prompt, args.runs, 1000 * (position + 1)))
             except Exception as error:
                 entry.setdefault("errors", []).append(f"{type(error).__name__}: {error}"[:800])

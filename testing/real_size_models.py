@@ -23,8 +23,10 @@ bf16 vectors; the published "_fp8_scaled" files also carry per-tensor scales, wh
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import time
 import re
 import struct
 from dataclasses import dataclass
@@ -220,8 +222,13 @@ def _dtypes(shapes: dict, name: str, default) -> dict:
     return {k: (torch.float8_e4m3fn if fp8 and len(s) >= 2 else default) for k, s in shapes.items()}
 
 
-def spec_for(input_name: str, published: str) -> list[FileSpec]:
+@functools.lru_cache(maxsize=None)
+def spec_for(input_name: str, published: str) -> tuple[FileSpec, ...]:
     """The file(s) a loader input names, at real size. A checkpoint (SD3.5's) holds the MMDiT and the VAE."""
+    return tuple(_spec_for(input_name, published))
+
+
+def _spec_for(input_name: str, published: str) -> list[FileSpec]:
     folder = FOLDERS[input_name]
     half = torch.float16 if "fp16" in published.lower() else torch.bfloat16
     if folder == "diffusion_models":
@@ -258,6 +265,33 @@ def specs_for_prompt(prompt: dict) -> list[FileSpec]:
                 seen.add((FOLDERS[input_name], value))
                 specs.extend(spec_for(input_name, value))
     return specs
+
+
+def provide(prompt: dict, later: list[dict], models_dir: Path, device: str, written: dict, log=print) -> list[dict]:
+    """Write the files `prompt` names that are not there yet, after deleting those written earlier that
+    neither it nor any `later` prompt names (one model family's files on disk at a time). `written`:
+    (folder, name) → record, kept by the caller across prompts. Returns the records of `prompt`'s files."""
+    specs = specs_for_prompt(prompt)
+    wanted = {(s.folder, s.name) for s in specs}
+    for other in later:
+        wanted |= {(s.folder, s.name) for s in specs_for_prompt(other)}
+    for key in [k for k in written if k not in wanted]:
+        (Path(models_dir) / key[0] / key[1]).unlink(missing_ok=True)
+        log(f"  deleted {key[0]}/{key[1]}")
+        del written[key]
+    records = []
+    for index, spec in enumerate(specs):
+        key = (spec.folder, spec.name)
+        if key not in written:
+            started = time.perf_counter()
+            write_random(spec, models_dir, device, seed=1000 + len(written) + index)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            written[key] = {"file": f"{spec.folder}/{spec.name}", "description": spec.describe(),
+                            "GiB": round(spec.bytes / 2**30, 2), "write_s": round(time.perf_counter() - started, 1)}
+            log(f"  wrote {spec.describe()}: {written[key]['GiB']} GiB in {written[key]['write_s']} s")
+        records.append(written[key])
+    return records
 
 
 # ---------------------------------------------------------------------------------------------- write

@@ -67,16 +67,21 @@ def test_real_size_text_encoders_are_detected(comfy, name, te_model):
 
 
 def test_written_files_load_in_comfyui(comfy, tmp_path):
-    """Real-size CLIP-L and FLUX ae written by the streaming writer: safetensors reads every tensor back,
-    CLIPLoader's loader takes CLIP-L with no key left over, and ComfyUI's VAE decodes a 16-channel latent."""
+    """Real-size CLIP-L and FLUX ae, provided for a prompt by the streaming writer: safetensors reads every
+    tensor back, CLIPLoader's loader takes CLIP-L with no key left over, ComfyUI's VAE decodes a 16-channel
+    latent; a later prompt without CLIP-L has it deleted."""
     import comfy.sd
     import comfy.utils
     import real_size_models
 
     (clip_spec,) = real_size_models.spec_for("clip_name1", "clip_l.safetensors")
     (vae_spec,) = real_size_models.spec_for("vae_name", "ae.safetensors")
-    clip_path = real_size_models.write_random(clip_spec, tmp_path, seed=1)
-    vae_path = real_size_models.write_random(vae_spec, tmp_path, seed=2)
+    flux_like = {"clip": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors"}},
+                 "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}}}
+    written = {}
+    records = real_size_models.provide(flux_like, [], tmp_path, "cpu", written)
+    assert [r["file"] for r in records] == ["text_encoders/clip_l.safetensors", "vae/ae.safetensors"]
+    clip_path, vae_path = tmp_path / "text_encoders" / "clip_l.safetensors", tmp_path / "vae" / "ae.safetensors"
     assert clip_path.stat().st_size == pytest.approx(clip_spec.bytes, abs=64 * 1024)
 
     clip_sd = comfy.utils.load_torch_file(str(clip_path))
@@ -90,6 +95,12 @@ def test_written_files_load_in_comfyui(comfy, tmp_path):
     assert vae.latent_channels == 16
     image = vae.decode(torch.randn(1, 16, 4, 4))
     assert image.shape[-3:] == (32, 32, 3) and torch.isfinite(image).all()
+
+    # The next prompt needs only the VAE: CLIP-L goes (disk), the VAE is not written again.
+    modified = vae_path.stat().st_mtime_ns
+    only_vae = {"vae": flux_like["vae"]}
+    real_size_models.provide(only_vae, [], tmp_path, "cpu", written, log=lambda message: None)
+    assert not clip_path.exists() and vae_path.stat().st_mtime_ns == modified and list(written) == [("vae", "ae.safetensors")]
 
 
 def test_loras_are_in_each_releases_layout(comfy):
