@@ -20,6 +20,9 @@ decode stages (PhaseClock).
     python3 bench/gpu.py --tiny                # CUDA: the same tiny models, the GPU next to idle: what each
                                                # path costs the host per prompt (its floor)
     python3 bench/gpu.py --configs turbo --out bench/out
+    python3 bench/gpu.py --configs flux_schnell,sd35_turbo --warmups 2 --reps 5 --budget-s 480
+                                               # the flow rows (bench/gpu_flow.py): FLUX.1-schnell and SD3.5
+                                               # Large Turbo, 4 steps 1024², batch 1 (--flow-batch4 adds 4)
 """
 from __future__ import annotations
 

@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -122,8 +124,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workflows", default="", help="comma-separated workflow names (default: every flow workflow)")
     parser.add_argument("--runs", type=int, default=2, help="prompts per workflow (the first loads the models)")
     parser.add_argument("--tiny", action="store_true", help="CPU, tiny SD/SDXL stand-ins at 128² (a check of this script)")
-    parser.add_argument("--models-dir", type=Path, default=None, help="where the server's models folder goes "
-                        "(default: under --out; the files are deleted as the run goes)")
+    parser.add_argument("--base-dir", type=Path, default=None, help="the server's base directory (models, output); "
+                        "default: a new temporary folder, removed at the end (never under --out: a device call "
+                        "brings back what is under $OUT)")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no workflow after this many seconds (a device call's limit); results are kept")
     args = parser.parse_args(argv)
@@ -143,10 +146,10 @@ def main(argv=None) -> int:
     try:
         import comfyui_frontend_package  # noqa: F401
     except ImportError:
-        folder = frontend_stand_in(out / "frontend_stand_in")
+        folder = frontend_stand_in(Path(tempfile.mkdtemp(prefix="fewstep-frontend-")))
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
         frontend = "an empty stand-in comfyui_frontend_package (API prompts only; the UI is not served)"
-    base = (args.models_dir or out / "base").resolve()
+    base = (args.base_dir or Path(tempfile.mkdtemp(prefix="fewstep-workflow-check-"))).resolve()
     models = base / "models"
     (models / "text_encoders").mkdir(parents=True, exist_ok=True)
     comfyui_on_path(comfyui)
@@ -217,6 +220,8 @@ def main(argv=None) -> int:
     finally:
         server.stop()
         save()
+        if args.base_dir is None:
+            shutil.rmtree(base, ignore_errors=True)
     text = report(results)
     print(text, flush=True)
     healthy = results.get("server_alive_at_end") and all(
