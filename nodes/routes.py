@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 
 from ..fewstep.detection import DETECT, resolve_settings
@@ -28,6 +29,20 @@ log = logging.getLogger(__name__)
 _registered = False
 
 
+def flow_shift(family: Family) -> float | str | None:
+    """The σ shift the family's card samples with, for the badge: a number where it is fixed (Qwen-Image-
+    Lightning's dynamic shift with base_shift = max_shift = ln 3 is exp(ln 3) = 3 at every size), "dynamic"
+    where it follows the image's token count (FLUX.1-dev), None for the SD1.5/SDXL families."""
+    if family.flow is None:
+        return None
+    config = family.scheduler_overrides
+    if not config.get("use_dynamic_shifting"):
+        return float(config.get("shift", 1.0))
+    if config.get("time_shift_type") == "exponential" and config.get("base_shift") == config.get("max_shift"):
+        return round(math.exp(config["base_shift"]), 6)
+    return "dynamic"
+
+
 def family_defaults(family: Family) -> dict:
     """What the frontend moves a node's widgets to, and the line its badge shows."""
     return {
@@ -37,6 +52,10 @@ def family_defaults(family: Family) -> dict:
         "default_cfg": family.default_cfg,
         "default_eta": family.default_eta,
         "only_steps": list(family.only_steps) if family.only_steps else None,
+        # Flow-matching families: FLUX.1-dev's distilled guidance (FluxGuidance), and the σ shift the
+        # scheduler applies itself (a ModelSamplingFlux/SD3/AuraFlow shift does not change its σ).
+        "guidance": family.flow.guidance if family.flow is not None else None,
+        "shift": flow_shift(family),
         "reference": family.reference,
     }
 

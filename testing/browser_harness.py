@@ -199,9 +199,9 @@ class Frontend:
         """CPU: image sizes become CPU_TEST_SIZE² (set as saved values are, not as a hand change):
         SDXL-sized latents, or an img2img input scaled to 512², would cost minutes of VAE work per
         workflow on 2 cores."""
-        from workflow_models import CPU_TEST_SIZE
+        from workflow_models import CPU_TEST_SIZE, SIZED_NODES
 
-        for node_type in ("EmptyLatentImage", "ImageScale"):
+        for node_type in SIZED_NODES:
             for node_id in self.node_ids(node_type):
                 self.set_widget_values(node_id, {"width": CPU_TEST_SIZE, "height": CPU_TEST_SIZE})
 
@@ -302,7 +302,25 @@ def reference_badge(family: str, steps=None, cfg=None, eta=None) -> str:
     text += f", cfg {cfg:g}"
     if eta is not None and eta != -1:  # the eta inputs' "use the family's reference"
         text += f", eta {eta:g}"
+    if definition.flow is not None:
+        if definition.flow.guidance is not None:
+            text += f", guidance {definition.flow.guidance:g}"
+        text += f", {card_shift(definition)}"
     return text
+
+
+def card_shift(family) -> str:
+    """The σ shift of a flow family's scheduler config, in the badge's words: "shift 3", or "dynamic
+    shift" where the card's pipeline computes it from the image's token count (FLUX.1-dev). Qwen-Image-
+    Lightning's exponential shift with base_shift = max_shift = ln 3 is 3 at every size."""
+    import math
+
+    config = family.scheduler_overrides
+    if not config.get("use_dynamic_shifting"):
+        return f"shift {config['shift']:g}"
+    if config.get("time_shift_type") == "exponential" and config["base_shift"] == config["max_shift"]:
+        return f"shift {math.exp(config['base_shift']):.6g}"
+    return "dynamic shift"
 
 
 # --- fixtures: the browser test modules name this file in `pytest_plugins`, so pytest registers these
@@ -315,9 +333,10 @@ DETECTED_UNET = "sdxl_lightning_2step_unet.safetensors"
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """A `main.py --cpu` server with the test user's settings and tiny stand-ins under every file name
-    the example workflows load, and DETECTED_UNET."""
+    the example workflows load (empty files under the flow-matching ones', whose full-size text encoders
+    have none: those workflows are opened, not run), and DETECTED_UNET."""
     from comfy_harness import ComfyServer, comfyui_on_path, make_base_directory, require_comfyui
-    from workflow_models import install_stand_ins
+    from workflow_models import TEXT_ENCODER_LOADERS, install_stand_ins, place_file_names
 
     from comfyui_fewstep.fewstep.workflow_api import ui_workflow_to_prompt
 
@@ -332,7 +351,11 @@ def server(tmp_path_factory):
     with ComfyServer(comfyui, base, log_path=ARTIFACTS / "server.log") as running:
         object_info = running.get("/object_info")
         for path in sorted((PACK_ROOT / "example_workflows").glob("*.json")):
-            install_stand_ins(ui_workflow_to_prompt(json.loads(path.read_text()), object_info), base)
+            prompt = ui_workflow_to_prompt(json.loads(path.read_text()), object_info)
+            if any(node["class_type"] in TEXT_ENCODER_LOADERS for node in prompt.values()):
+                place_file_names(prompt, base)  # listed, so they open as they would with the files there
+            else:
+                install_stand_ins(prompt, base)
         unet = tiny_models.build_sdxl(base / "models")
         unets = base / "models" / "diffusion_models"
         tiny_models._link((unets / unet.unet_name).resolve(), unets / DETECTED_UNET)

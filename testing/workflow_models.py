@@ -128,9 +128,11 @@ def install_stand_ins(prompt: dict, base_dir: Path) -> list[str]:
 
 
 def place_file_names(prompt: dict, base_dir: Path) -> list[str]:
-    """An empty file under every file name `prompt` (API format) loads, where none is: enough for ComfyUI
-    to list it (the loaders' choices, so the prompt validates and the frontend opens it without a missing
-    model), never to load it. Returns the files it made."""
+    """A .safetensors file holding no tensor under every file name `prompt` (API format) loads, where none
+    is: enough for ComfyUI to list it (the loaders' choices, so the prompt validates and the frontend opens
+    it without a missing model) and for FewStep to read its header, never to load it. Returns what it made."""
+    from safetensors.torch import save_file
+
     made = []
     for node in prompt.values():
         for input_name, folder in FILE_INPUTS.items():
@@ -138,9 +140,88 @@ def place_file_names(prompt: dict, base_dir: Path) -> list[str]:
             path = Path(base_dir) / "models" / folder / str(published)
             if isinstance(published, str) and not (path.exists() or path.is_symlink()):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.touch()
+                save_file({}, str(path))
                 made.append(f"{folder}/{published}")
     return made
+
+
+# FLUX.1's VAE (ae.safetensors) as diffusers' AutoencoderKL holds it (black-forest-labs/FLUX.1-schnell's
+# vae/config.json): 16 latent channels, no quant convs. ComfyUI builds it from these shapes, so it is the
+# real size (84M parameters); a 128² decode takes a second.
+FLUX_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+    use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159,
+)
+FLUX_STAND_IN_VERSION = "w1"  # bump whenever what _build_flux_stand_ins writes changes
+# A LoRA on the tiny FLUX in ComfyUI's layout (what its LoraSave writes), on the double block's attention
+# output projections: enough for Few-Step LoRA Loader to match every key and patch the model.
+FLUX_LORA_MODULES = ("double_blocks.0.img_attn.proj", "double_blocks.0.txt_attn.proj")
+FLUX_HIDDEN = 3072  # the tiny FLUX keeps FLUX's width (tiny_flow_models)
+
+
+def _build_flux_stand_ins(folder: Path) -> None:
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    vae = AutoencoderKL(**FLUX_VAE_CONFIG)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / "flux_vae.safetensors"))
+    generator, rank, lora = torch.Generator().manual_seed(6), 4, {}
+    for module in FLUX_LORA_MODULES:
+        lora[f"diffusion_model.{module}.lora_down.weight"] = torch.randn(rank, FLUX_HIDDEN, generator=generator) * 0.02
+        lora[f"diffusion_model.{module}.lora_up.weight"] = torch.randn(FLUX_HIDDEN, rank, generator=generator) * 0.02
+        lora[f"diffusion_model.{module}.alpha"] = torch.tensor(float(rank))
+    save_file(lora, str(folder / "flux_lora.safetensors"))
+
+
+# Published diffusion-model names (lower case) → the tiny_flow_models base standing in for them.
+FLOW_BASES = {"flux1-schnell": "flux_schnell", "flux1-dev": "flux_dev", "z_image": "z_image"}
+
+
+def flow_base_of(published_name: str) -> str:
+    for mark, base in FLOW_BASES.items():
+        if published_name.lower().startswith(mark):
+            return base
+    raise ValueError(f"{published_name}: no tiny stand-in for this diffusion model (stand-ins: {', '.join(FLOW_BASES)})")
+
+
+def install_flow_stand_ins(prompt: dict, base_dir: Path) -> list[str]:
+    """For a FLUX or Z-Image workflow: the tiny transformer (tiny_flow_models), a random FLUX VAE (Z-Image
+    uses FLUX's) and a tiny FLUX LoRA under the published names it loads. Its text encoders have none
+    (TEXT_ENCODER_LOADERS): replace them with with_conditioning_stand_in. Returns the links it made
+    (folder/name under models)."""
+    import tiny_flow_models
+
+    models_dir = Path(base_dir) / "models"
+    folder = tiny_models.cached_build(f"workflow_flux_{FLUX_STAND_IN_VERSION}", _build_flux_stand_ins)
+    placed = []
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if isinstance(inputs.get("unet_name"), str):
+            tiny = tiny_flow_models.build_flow_model(flow_base_of(inputs["unet_name"]), models_dir)
+            source, target = models_dir / "diffusion_models" / tiny.unet_name, ("diffusion_models", inputs["unet_name"])
+        elif isinstance(inputs.get("vae_name"), str):
+            source, target = folder / "flux_vae.safetensors", ("vae", inputs["vae_name"])
+        elif isinstance(inputs.get("lora_name"), str):
+            source, target = folder / "flux_lora.safetensors", ("loras", inputs["lora_name"])
+        else:
+            continue
+        _link(source.resolve(), models_dir / target[0] / target[1])
+        placed.append(f"{target[0]}/{target[1]}")
+    return placed
+
+
+def with_conditioning_stand_in(prompt: dict, node_type: str, base: str) -> dict:
+    """`prompt` with every Text Encode node replaced by `node_type`, a test node giving fixed conditioning
+    as wide as the tiny `base` transformer reads (input `base`), and the text-encoder loaders left out."""
+    changed = {}
+    for node_id, node in prompt.items():
+        if node["class_type"] == "CLIPTextEncode":
+            changed[node_id] = {"class_type": node_type, "inputs": {"base": base}}
+        elif node["class_type"] not in TEXT_ENCODER_LOADERS:
+            changed[node_id] = node
+    return changed
 
 
 # Nodes whose width/height widgets set the picture size a workflow samples at.

@@ -12,7 +12,7 @@ import urllib.parse
 import uuid
 
 import pytest
-from browser_harness import ARTIFACTS, DETECTED_UNET, Frontend, reference_badge
+from browser_harness import ARTIFACTS, DETECTED_UNET, Frontend, card_shift, reference_badge
 from comfy_harness import PACK_ROOT
 
 from comfyui_fewstep.fewstep.detection import detect_settings
@@ -106,7 +106,13 @@ def test_families_route_serves_the_pure_layer(server):
             "name": name, "display_name": family.display_name, "default_steps": family.default_steps,
             "default_cfg": family.default_cfg, "default_eta": family.default_eta,
             "only_steps": list(family.only_steps) if family.only_steps else None, "reference": family.reference,
+            "guidance": family.flow.guidance if family.flow else None, "shift": served[name]["shift"],
         }
+        shift = served[name]["shift"]  # the scheduler config's shift, read independently by card_shift
+        if family.flow is None:
+            assert shift is None
+        else:
+            assert card_shift(family) == ("dynamic shift" if shift == "dynamic" else f"shift {shift:g}")
     assert server.get("/api/fewstep/families")["families"] == served  # the frontend's api.fetchApi path
 
 
@@ -367,3 +373,43 @@ def test_choosing_a_loader_file_moves_the_widgets_it_feeds(frontend, server):
         frontend.wait_for_badge(sampler, text)
         frontend.wait_for_badge(loader, text)
     frontend.screenshot(ARTIFACTS / "extension-file_chosen.png")
+
+
+def test_flow_family_moves_steps_cfg_and_flux_guidance(frontend):
+    """Picking a flow-matching family: steps and SamplerCustom's cfg follow it, and so does the guidance of
+    the Flux Guidance node on the sampler's positive prompt (FLUX.1-dev's distilled guidance), unless set
+    by hand; the badge shows the σ shift the family's scheduler applies."""
+    workflow = json.loads((PACK_ROOT / "example_workflows" / "flux1_schnell_4step.json").read_text())
+    workflow["id"] = str(uuid.uuid4())
+    frontend.load_workflow(json.dumps(workflow))
+    scheduler, sampler, sampler_custom = ids_of(frontend, "FewStepScheduler", "FewStepSampler", "SamplerCustom")
+    frontend.wait_for_badge(scheduler, reference_badge("flux_schnell"))
+    guidance = frontend.page.evaluate(
+        """id => { const samplerCustom = app.graph.getNodeById(id);
+                   const positive = samplerCustom.inputs.findIndex(i => i.name === 'positive');
+                   const linkId = samplerCustom.inputs[positive].link;
+                   const link = app.graph.getLink?.(linkId) ?? app.graph.links[linkId];
+                   const prompt = app.graph.getNodeById(link.origin_id);
+                   const guidance = LiteGraph.createNode('FluxGuidance'); guidance.pos = [560, 900];
+                   app.graph.add(guidance); guidance.widgets[0].value = 2.0;
+                   prompt.connect(0, guidance, 0); guidance.connect(0, samplerCustom, positive);
+                   return guidance.id; }""",
+        sampler_custom,
+    )
+    hyper = FAMILIES["hyper_flux"]
+    frontend.set_widget_values(sampler_custom, {"cfg": 2.5})  # as a saved workflow might hold it
+    choose(frontend, sampler, "family", "hyper_flux")
+    assert frontend.widget_value(sampler_custom, "cfg") == pytest.approx(hyper.default_cfg)
+    assert frontend.widget_value(guidance, "guidance") == pytest.approx(hyper.flow.guidance)
+    frontend.wait_for_badge(sampler, reference_badge("hyper_flux"))
+    choose(frontend, scheduler, "family", "z_image_turbo")
+    assert frontend.widget_value(scheduler, "steps") == FAMILIES["z_image_turbo"].default_steps
+    frontend.wait_for_badge(scheduler, reference_badge("z_image_turbo"))
+    # A hand-set guidance stays through the next family change.
+    step(frontend, guidance, "guidance", +1)
+    hand_guidance = frontend.widget_value(guidance, "guidance")
+    assert hand_guidance > hyper.flow.guidance and hand_set(frontend, guidance) == ["guidance"]
+    choose(frontend, sampler, "family", "flux_turbo_alpha")
+    assert frontend.widget_value(guidance, "guidance") == pytest.approx(hand_guidance)
+    frontend.wait_for_badge(sampler, reference_badge("flux_turbo_alpha"))
+    frontend.screenshot(ARTIFACTS / "extension-flow_family.png")

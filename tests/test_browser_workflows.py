@@ -1,8 +1,9 @@
 """Every example workflow in the real frontend (headless Chromium, a real CPU server): opened from the
 templates browser (Extensions → ComfyUI-FewStep) with no missing-node, validation or error dialog,
 run from the Run button on tiny stand-in models placed under the published file names, its output
-image shown; a screenshot of it, framed in the canvas, goes to docs/screenshots/ for the README and
-to the templates browser's card.
+image shown (the flow-matching ones, whose full-size text encoders have no stand-in, are opened only);
+a screenshot of it, framed in the canvas, goes to docs/screenshots/ for the README and to the templates
+browser's card.
 
 Screenshots of each step are kept in test-artifacts/browser/.
 """
@@ -22,6 +23,9 @@ from readme_screenshots import (
     save_thumbnail,
     visibly_changed_pixels,
 )
+from workflow_models import TEXT_ENCODER_LOADERS
+
+from comfyui_fewstep.fewstep.detection import detect_settings
 
 pytest_plugins = ["browser_harness"]
 pytestmark = pytest.mark.browser
@@ -106,6 +110,18 @@ def test_example_workflow_opens_from_templates_and_runs(frontend, camera, server
     shot = camera.screenshot(ARTIFACTS / f"{stem}-loaded.png", full_resolution=True)
     readme_shot = save_small_png(shot, SCREENSHOTS / f"{stem}.png")
     save_thumbnail(readme_shot, PACK_ROOT / "example_workflows" / f"{stem}.jpg")
+
+    if any(node["type"] in TEXT_ENCODER_LOADERS for node in workflow["nodes"]):
+        # Full-size text encoders (T5-XXL, Qwen2.5-VL, Qwen3-4B) have no tiny stand-in: opened, not run
+        # (test_flow_workflows.py validates them against ComfyUI). A LoRA loader's file name is read as
+        # it is opened, and the nodes its settings feed show that family's reference.
+        for loader in (node for node in workflow["nodes"] if node["type"] == "FewStepLoraLoader"):
+            detected = detect_settings(loader["widgets_values"][0])
+            text = reference_badge(detected.family, detected.steps, detected.cfg, detected.eta)
+            for node_id in (loader["id"], *linked_targets(workflow, loader["id"], "FEWSTEP_SETTINGS")):
+                frontend.wait_for_badge(node_id, text)
+        assert not overlaps, f"{stem}: nodes overlap as the frontend draws them: " + "; ".join(overlaps)
+        return
 
     frontend.shrink_latents()
     images = frontend.run()

@@ -1,16 +1,20 @@
 """The flow-matching families' example workflows (FLUX.1-schnell, SD3.5 Large Turbo, Qwen-Image-Lightning,
-FLUX.1-Turbo-Alpha, Hyper-FLUX, Z-Image-Turbo) against real ComfyUI's node definitions, on the CPU.
+FLUX.1-Turbo-Alpha, Hyper-FLUX, Z-Image-Turbo) in real ComfyUI, on the CPU.
 
-Each is validated by ComfyUI's own execution.validate_prompt, as the server does before it runs a prompt
-(every node known, every link of the right type, every widget value allowed — the published file names
-among the loaders' choices, the FewStep nodes' validate_inputs), with an empty file under each name.
+All six are validated by ComfyUI's own execution.validate_prompt, as the server does before it runs a
+prompt (every node known, every link of the right type, every widget value allowed — the published file
+names among the loaders' choices, the FewStep nodes' validate_inputs), with a tensor-less file under each
+name.
 
-None of them runs here, and that is the text encoders: ComfyUI builds T5-XXL (FLUX, SD3.5: 4.7B
-parameters), Qwen2.5-VL 7B (Qwen-Image) and Qwen3-4B (Z-Image) from fixed full-size configs whatever the
-file holds, so no tiny stand-in exists for them, and at full size each takes 10–30 GB and minutes per
-prompt on two CPU cores. The sampling they feed runs on the CPU in test_flow_parity.py (tiny transformers,
-conditioning fed directly); the workflows run whole, at real size with random weights, on a GPU
-(bench/, through the same file names).
+None runs whole here, and that is the text encoders: ComfyUI builds T5-XXL (FLUX, SD3.5: 4.7B parameters),
+Qwen2.5-VL 7B (Qwen-Image) and Qwen3-4B (Z-Image) from fixed full-size configs whatever the file holds, so
+no tiny stand-in exists for them, and at full size each takes 10–30 GB and minutes per prompt on two CPU
+cores. So the FLUX and Z-Image workflows run with their Text Encode nodes replaced by fixed conditioning
+and everything after them as wired: tiny transformers under the published names, a FLUX VAE, a tiny LoRA
+for the LoRA loader. SD3.5 Large Turbo (its checkpoint holds MMDiT and VAE) and Qwen-Image (Wan 2.1's VAE)
+have no such stand-ins here and are validated only; their sampling runs in test_flow_parity.py (tiny
+transformers, conditioning fed directly), and every workflow runs whole, at real size with random
+weights, on a GPU (bench/workflow_gpu_check.py).
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ def object_info(comfy_server):
 
 @pytest.fixture
 def placed_names(comfy):
-    """Empty files placed under the workflow's file names, removed afterwards (the session's other tests
+    """Tensor-less files placed under the workflow's file names, removed afterwards (the session's other tests
     share these models folders)."""
     from workflow_models import place_file_names
 
@@ -85,3 +89,92 @@ def test_no_tiny_stand_in_is_offered_for_full_size_text_encoders(tmp_path, objec
     with pytest.raises(ValueError, match="--models"):
         install_stand_ins(prompt, tmp_path)
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").rglob("*.safetensors"))
+
+
+# --- the FLUX and Z-Image workflows run, their text encoders stood in for -------------------------------
+
+
+class FewStepTestConditioning:
+    """Test-only node in place of Text Encode: fixed conditioning as wide as the tiny `base` transformer
+    reads ([[hidden states, {"pooled_output": pooled}]], as ComfyUI's text encoders shape it)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"base": ("STRING", {"default": ""})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "testing"
+
+    def encode(self, base):
+        from tiny_flow_models import conditioning
+
+        prompt_embeds, pooled = conditioning(base=base)
+        return ([[prompt_embeds, {"pooled_output": pooled}]],)
+
+
+def unet_of(path) -> str:
+    (name,) = [node["widgets_values"][0] for node in json.loads(path.read_text())["nodes"] if node["type"] == "UNETLoader"]
+    return name
+
+
+# FLUX's (one tiny transformer for schnell, one for dev and its two LoRAs) and Z-Image's, in that order so
+# one base is loaded at a time. SD3.5 Large Turbo's checkpoint and Qwen-Image's VAE (Wan 2.1's) have no
+# tiny stand-in here: validated above, run at real size on the GPU.
+RUN_FAMILIES = ("flux_schnell", "flux_turbo_alpha", "hyper_flux", "z_image_turbo")
+RUNS = sorted((path for path in WORKFLOWS if sampled_family(path) in RUN_FAMILIES),
+              key=lambda path: RUN_FAMILIES.index(sampled_family(path)))
+
+
+@pytest.fixture(scope="module")
+def stand_in_comfy(comfy):
+    """In-process ComfyUI with the conditioning node; afterwards the stand-ins placed under published
+    names go (the session's other tests share the models folders), and the tiny transformers with them."""
+    import comfy.model_management as model_management
+
+    harness = comfy
+    harness.nodes.NODE_CLASS_MAPPINGS["FewStepTestConditioning"] = FewStepTestConditioning
+    harness.placed, harness.loaded_base = [], None
+
+    def release():
+        harness.forget_outputs()  # the executor's cache holds the last prompt's MODEL
+        model_management.unload_all_models()
+
+    harness.release = release
+    yield harness
+    del harness.nodes.NODE_CLASS_MAPPINGS["FewStepTestConditioning"]
+    for relative in harness.placed:
+        (harness.models_dir / relative).unlink(missing_ok=True)
+    release()
+
+
+@pytest.mark.parametrize("path", RUNS, ids=lambda p: p.stem)
+def test_flow_workflow_runs_with_its_text_encoders_stood_in_for(stand_in_comfy, object_info, path):
+    """Everything after the text encoders runs as the workflow wires it — UNETLoader on a tiny transformer
+    under the published name, Few-Step LoRA Loader detecting the family from the LoRA's name, Flux
+    Guidance, the latent's size reaching Few-Step Scheduler, SamplerCustom, the VAE decode — at 128²."""
+    from PIL import Image
+    from workflow_models import (CPU_TEST_SIZE, flow_base_of, install_flow_stand_ins, shrink_sizes,
+                                 with_conditioning_stand_in)
+
+    from comfyui_fewstep.fewstep.detection import detect_settings
+
+    base = flow_base_of(unet_of(path))
+    if stand_in_comfy.loaded_base not in (None, base):
+        stand_in_comfy.release()  # one tiny transformer at a time (Z-Image's is 3.6 GB)
+    stand_in_comfy.loaded_base = base
+    prompt = ui_workflow_to_prompt(json.loads(path.read_text()), object_info)
+    stand_in_comfy.placed += install_flow_stand_ins(prompt, stand_in_comfy.base_directory)
+    shrink_sizes(prompt)
+    result = stand_in_comfy.run(with_conditioning_stand_in(prompt, "FewStepTestConditioning", base))
+
+    (save,) = [node_id for node_id, node in prompt.items() if node["class_type"] == "SaveImage"]
+    (image,) = result.files(save, "images")
+    with Image.open(image) as picture:
+        assert picture.size == (CPU_TEST_SIZE, CPU_TEST_SIZE)
+    for node_id, node in prompt.items():
+        if node["class_type"] == "FewStepLoraLoader":  # the family and steps its file name gives
+            (settings,) = result.outputs[node_id]["fewstep_settings"]
+            expected = detect_settings(node["inputs"]["lora_name"])
+            assert (settings["family"], settings["steps"]) == (expected.family, expected.steps) == (
+                sampled_family(path), get_family(sampled_family(path)).default_steps)

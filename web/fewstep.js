@@ -1,7 +1,9 @@
 // FewStep's frontend: when a node's few-step family changes, or a FewStep loader's file says which
 // family it is (when the user picks the file, and again in the loader's `executed` message when it
 // runs), the steps / cfg / eta widgets that follow it move to the reference values — except those the
-// user set by hand — and a badge on the node shows the reference.
+// user set by hand — and a badge on the node shows the reference. For FLUX.1-dev's families the
+// guidance of the Flux Guidance node on the sampler's positive prompt follows too; the badge shows the
+// σ shift the family's scheduler applies itself (no ModelSampling node's shift changes FewStep's σ).
 //
 // Nothing about the families is kept here: GET /fewstep/families serves fewstep/families.py and
 // GET /fewstep/detect the loaders' own detection. Widgets only move on a user's change or a loader's
@@ -14,10 +16,14 @@ const FAMILIES_ROUTE = "/fewstep/families";
 const DETECT_ROUTE = "/fewstep/detect";
 // node.properties key: the names of the widgets the user set by hand; saved with the workflow.
 export const HAND_SET_PROPERTY = "fewstep_hand_set";
-const FOLLOWING_WIDGETS = ["steps", "cfg", "eta"];
+const FOLLOWING_WIDGETS = ["steps", "cfg", "eta", "guidance"];
 const SETTINGS_TYPE = "FEWSTEP_SETTINGS";
 // ComfyUI's own nodes whose cfg follows the FewStep sampler feeding their `sampler` input.
 const CFG_FOLLOWERS = new Set(["SamplerCustom"]);
+// ComfyUI's nodes whose guidance follows the family (FLUX.1-dev's distilled guidance), found upstream of
+// the positive prompt of a SamplerCustom a Few-Step Sampler feeds, or of a Few-Step KSampler.
+const GUIDANCE_FOLLOWERS = new Set(["FluxGuidance"]);
+const CONDITIONING_HOPS = 8; // how far up (or down) a chain of conditioning nodes the search goes
 
 let families = null;
 let loaderFiles = {}; // loader node type → the widget naming its file (nodes/routes.py LOADER_FILES)
@@ -72,6 +78,31 @@ function nodeFeeding(node, type) {
   return link ? node.graph.getNodeById(link.origin_id) : null;
 }
 
+// The Flux Guidance node on `sampler`'s positive prompt: its positive input, then up CONDITIONING inputs.
+function guidanceFeeding(sampler) {
+  let current = sampler;
+  for (let hop = 0; hop < CONDITIONING_HOPS && current; hop++) {
+    const input = (current.inputs ?? []).find(
+      (slot) => (hop === 0 ? slot.name === "positive" : slot.type === "CONDITIONING") && slot.link != null,
+    );
+    const link = graphLink(current.graph, input?.link);
+    current = link ? current.graph.getNodeById(link.origin_id) : null;
+    if (current && GUIDANCE_FOLLOWERS.has(classOf(current))) return current;
+  }
+  return null;
+}
+
+// The sampler a Flux Guidance node's conditioning reaches (down CONDITIONING outputs).
+function samplerFedBy(node) {
+  let frontier = [node];
+  for (let hop = 0; hop < CONDITIONING_HOPS && frontier.length; hop++) {
+    frontier = frontier.flatMap((current) => nodesFedBy(current, "CONDITIONING"));
+    const sampler = frontier.find((fed) => CFG_FOLLOWERS.has(classOf(fed)) || classOf(fed) === "FewStepKSampler");
+    if (sampler) return sampler;
+  }
+  return null;
+}
+
 // A widget converted to an input and linked takes its value from the link, not from us.
 const widgetIsLinked = (node, name) =>
   (node.inputs ?? []).some((slot) => slot.widget?.name === name && slot.link != null);
@@ -99,6 +130,10 @@ function effectiveReference(node) {
     const sampler = nodeFeeding(node, "SAMPLER");
     return isFewStep(sampler) ? effectiveReference(sampler) : null;
   }
+  if (GUIDANCE_FOLLOWERS.has(classOf(node))) {
+    const sampler = samplerFedBy(node);
+    return sampler ? effectiveReference(sampler) : null;
+  }
   const family = widgetNamed(node, "family")?.value;
   return family && families?.[family] ? { family, settings: null, loader: null } : null;
 }
@@ -112,6 +147,8 @@ export function referenceValues(family, settings) {
     steps: settings?.steps ?? definition.default_steps,
     cfg: settings?.cfg ?? definition.default_cfg,
     eta: settings?.eta ?? definition.default_eta ?? ETA_FROM_FAMILY,
+    guidance: definition.guidance ?? null, // null: the family has no distilled guidance to follow
+    shift: definition.shift ?? null, // a number, "dynamic" (by image size), or null (not flow-matching)
   };
 }
 
@@ -121,6 +158,9 @@ export function referenceText(family, settings) {
   const definition = families[family];
   const parts = [`${values.steps} step${values.steps === 1 ? "" : "s"}`, `cfg ${formatNumber(values.cfg)}`];
   if (values.eta !== ETA_FROM_FAMILY) parts.push(`eta ${formatNumber(values.eta)}`);
+  if (values.guidance != null) parts.push(`guidance ${formatNumber(values.guidance)}`);
+  if (values.shift === "dynamic") parts.push("dynamic shift");
+  else if (values.shift != null) parts.push(`shift ${formatNumber(values.shift)}`);
   if (definition.only_steps) parts[0] += " only";
   return `${family}: ${parts.join(", ")}`;
 }
@@ -154,13 +194,21 @@ function setWidget(node, name, value) {
   return true;
 }
 
-// Move `node`'s following widgets (and the cfg of the SamplerCustom its sampler feeds) to the reference.
+// Move `node`'s following widgets (and the cfg of the SamplerCustom its sampler feeds, and the guidance
+// of the Flux Guidance on that sampler's positive prompt) to the reference.
 function moveToReference(node, family, settings) {
   const values = referenceValues(family, settings);
   if (!values) return;
   for (const name of FOLLOWING_WIDGETS) setWidget(node, name, values[name]);
+  const samplers = classOf(node) === "FewStepKSampler" ? [node] : [];
   for (const follower of nodesFedBy(node, "SAMPLER")) {
-    if (CFG_FOLLOWERS.has(classOf(follower))) setWidget(follower, "cfg", values.cfg);
+    if (!CFG_FOLLOWERS.has(classOf(follower))) continue;
+    setWidget(follower, "cfg", values.cfg);
+    samplers.push(follower);
+  }
+  for (const sampler of samplers) {
+    const guidance = guidanceFeeding(sampler);
+    if (guidance) setWidget(guidance, "guidance", values.guidance);
   }
   refreshBadge(node);
   node.setDirtyCanvas?.(true, true);
@@ -246,7 +294,7 @@ function wrapCallback(widget, after) {
 }
 
 function watchNode(node) {
-  const follows = isFewStep(node) || CFG_FOLLOWERS.has(classOf(node));
+  const follows = isFewStep(node) || CFG_FOLLOWERS.has(classOf(node)) || GUIDANCE_FOLLOWERS.has(classOf(node));
   if (!follows || node.fewstepWatched) return;
   node.fewstepWatched = true;
   const familyWidget = isFewStep(node) ? widgetNamed(node, "family") : null;
