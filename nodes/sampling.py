@@ -223,6 +223,20 @@ class FamilySampler(comfy.samplers.KSAMPLER):
         )
 
 
+def with_family_guidance(conditioning, family: Family):
+    """The card's distilled guidance (FLUX.1-dev's guidance embedding) on every entry that sets none, as
+    ComfyUI's FluxGuidance sets it (node_helpers.conditioning_set_values); an entry with a guidance of
+    its own (FluxGuidance, FluxDisableGuidance's None) keeps it. Both prompts get it: diffusers'
+    FluxPipeline feeds the same guidance to its negative pass when true_cfg_scale > 1."""
+    import node_helpers
+
+    guidance = None if family.flow is None else family.flow.guidance
+    if guidance is None:
+        return conditioning
+    return [entry if "guidance" in entry[1] else node_helpers.conditioning_set_values([entry], {"guidance": guidance})[0]
+            for entry in conditioning]
+
+
 def family_sampler(family: Family, eta: float | None) -> comfy.samplers.KSAMPLER:
     """The family's SAMPLER. Flow-matching families take ComfyUI's own `euler`: on a CONST model its step
     x + (σ_next − σ)·(x − x₀)/σ is FlowMatchEulerDiscreteScheduler.step's x + (σ_next − σ)·v, down to σ = 0,
@@ -327,6 +341,7 @@ class FewStepKSampler(io.ComfyNode):
         chosen = resolve_family(family, settings)
         sigmas = schedule_sigmas(model, chosen, steps, denoise, latent=latent_image)
         sampler = family_sampler(chosen, resolve_eta(eta, settings, chosen))
+        positive, negative = (with_family_guidance(c, chosen) for c in (positive, negative))
         sampled = SamplerCustom.execute(model, True, seed, cfg, positive, negative, sampler, sigmas, latent_image)
         return io.NodeOutput(sampled[0])
 
