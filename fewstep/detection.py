@@ -49,7 +49,7 @@ NAME_RULES = [
     # lightx2v: Qwen-Image-, Qwen-Image-2512-, Qwen-Image-Edit-, Qwen-Image-Edit-2509/2511-Lightning-<n>steps-V…
     NameRule(r"qwen_image(_edit)?(_\d+)?_lightning_(?P<steps>\d+)steps?", "qwen_image_lightning",
              "Qwen-Image-Lightning card: shift 3"),
-    NameRule(r"sd3_?5_large_turbo", "sd35_large_turbo", "SD3.5 Large Turbo card: 4 steps"),
+    NameRule(r"(sd3_?5|stable_diffusion_3_5)_large_turbo", "sd35_large_turbo", "SD3.5 Large Turbo card: 4 steps"),
     NameRule(r"z_image_turbo", "z_image_turbo", "Z-Image-Turbo card: 9 steps"),
     NameRule(r"lcm_lora|lcm_sdxl|lcm_sd(v1_5|15)|latent_consistency", "lcm", "LCM-LoRA card: 4 steps, guidance 1"),
     NameRule(r"sdxl_lightning_(?P<steps>\d+)step", "lightning", "SDXL-Lightning card"),

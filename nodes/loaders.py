@@ -9,13 +9,16 @@ import dataclasses
 import logging
 
 import comfy.lora
+import comfy.model_sampling
 import comfy.sd
 import comfy.supported_models
+import comfy.utils
 import folder_paths
+import torch
 from comfy_api.latest import io
 
-from ..fewstep.detection import DETECT, resolve_settings
-from ..fewstep.families import FAMILY_NAMES, FewStepInputError, FewStepSettings
+from ..fewstep.detection import DETECT, check_family_fits_model, resolve_settings
+from ..fewstep.families import FAMILY_NAMES, FewStepInputError, FewStepSettings, get_family
 from ..fewstep.lora_layouts import (canonicalize, card_lora_scale, lora_base, read_safetensors,
                                     with_peft_adapter_config)
 from .types import FewStepSettingsType
@@ -41,6 +44,14 @@ def model_base(model) -> str:
 
 def _in_file(input_name: str, file_name: str, error: FewStepInputError) -> FewStepInputError:
     return FewStepInputError(f"{input_name}: {file_name}: {error}".replace(f"{file_name}: {file_name}:", f"{file_name}:"))
+
+
+def trained_on_distilled_model(family_name: str) -> bool:
+    """Whether a LoRA detected as `family_name` was trained on that family's distilled full model (FLUX.1-schnell,
+    SD3.5 Large Turbo, Z-Image-Turbo: flow families with no LoRA scale of their own) rather than being a
+    few-step LoRA; it is no distillation stacked on another."""
+    flow = get_family(family_name).flow
+    return flow is not None and flow.lora_scale is None
 
 
 def settings_ui(settings: FewStepSettings, lines: list[str]) -> dict:
@@ -138,9 +149,12 @@ class FewStepLoraLoader(io.ComfyNode):
         if card_scale != 1.0:
             lines.append(f"LoRA scale {card_scale:g} from the {settings.family} card × strength_model "
                          f"{strength_model:g} = {card_scale * strength_model:g}")
+        if settings.family is not None and trained_on_distilled_model(settings.family):
+            lines.append(f"a LoRA for the distilled {get_family(settings.family).display_name} model, not a "
+                         "few-step distillation itself: sample at that model's settings")
         if text_modules and clip is None:
             lines.append(f"{len(text_modules)} text-encoder modules not applied: connect a CLIP to apply them")
-        if settings.family is not None:
+        if settings.family is not None and not trained_on_distilled_model(settings.family):
             earlier = new_model.model_options.get(FEW_STEP_LORAS, [])
             if earlier:
                 warning = (f"warning: {lora_name} is stacked on another few-step LoRA ({', '.join(earlier)}); "
@@ -183,18 +197,57 @@ class FewStepUNetLoader(io.ComfyNode):
             state_dict, metadata = read_safetensors(path)
         except FewStepInputError as error:
             raise _in_file("unet_name", unet_name, error) from None
-        model = comfy.sd.load_diffusion_model_state_dict(state_dict)
+        state_dict = z_image_diffusers_to_comfy(state_dict)
+        model = comfy.sd.load_diffusion_model_state_dict(state_dict, metadata=metadata)
         if model is None:
             raise FewStepInputError(
-                f"unet_name: {unet_name} is not a UNet ComfyUI recognises (SD1.5/SDXL family, ComfyUI or "
-                "diffusers layout); for a LoRA use Few-Step LoRA Loader, for a full checkpoint a checkpoint loader."
+                f"unet_name: {unet_name} is not a diffusion model ComfyUI recognises (SD1.5/SDXL UNets; FLUX, "
+                "SD3.5, Qwen-Image and Z-Image transformers; ComfyUI or diffusers layout); for a LoRA use "
+                "Few-Step LoRA Loader, for a full checkpoint a checkpoint loader."
             )
         settings = resolve_settings(family, unet_name, metadata)
+        if settings.family is not None:
+            architecture = type(model.model.model_config).__name__
+            flow_model = isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+            try:
+                check_family_fits_model(get_family(settings.family), architecture, flow_model)
+            except FewStepInputError as error:
+                if family != DETECT:
+                    raise
+                raise FewStepInputError(f"unet_name: {unet_name} is named as a {settings.family} file, but {error}; "
+                                        "pick the family on the loader") from None
         if settings.prediction_type == "sample":
             import comfy_extras.nodes_model_advanced as advanced
 
             (model,) = advanced.ModelSamplingDiscrete().patch(model, "x0", False)
         return io.NodeOutput(model, settings, ui=settings_ui(settings, [settings.summary()]))
+
+
+def z_image_diffusers_to_comfy(state_dict: dict) -> dict:
+    """A Z-Image transformer in diffusers' layout (ZImageTransformer2DModel.save_pretrained) in ComfyUI's own,
+    by ComfyUI's map (comfy.utils.z_image_to_diffusers, which its LoRA loader uses); other files as they are.
+    ComfyUI's loader converts FLUX and SD3 diffusers files itself (convert_diffusers_mmdit), not Z-Image's:
+    it would detect the model and leave its attention weights unloaded."""
+    if "cap_embedder.1.weight" not in state_dict or not any(k.endswith(".attention.to_q.weight") for k in state_dict):
+        return state_dict
+    count = lambda prefix: len({k.split(".")[1] for k in state_dict if k.startswith(prefix)})  # noqa: E731
+    key_map = comfy.utils.z_image_to_diffusers({"n_layers": count("layers."), "n_refiner_layers": count("noise_refiner."),
+                                                "dim": state_dict["cap_embedder.1.weight"].shape[0]})
+    unknown = sorted(k for k in state_dict if k not in key_map)
+    if unknown:
+        raise FewStepInputError(f"unet_name: a Z-Image transformer in diffusers' layout with {len(unknown)} keys "
+                                f"ComfyUI has no place for (e.g. {', '.join(unknown[:3])}); use ComfyUI's release")
+    out, fused = {}, {}
+    for key, tensor in state_dict.items():
+        target = key_map[key]
+        if isinstance(target, str):
+            out[target] = tensor
+        else:  # q, k and v: row slices of ComfyUI's fused attention.qkv, in their offset order
+            fused.setdefault(target[0], []).append((target[1][1], target[1][0], tensor))
+    for name, parts in fused.items():
+        parts.sort(key=lambda part: part[0])
+        out[name] = torch.cat([tensor for _, _, tensor in parts], dim=parts[0][1])
+    return out
 
 
 LOADER_NODES = [FewStepLoraLoader, FewStepUNetLoader]

@@ -78,6 +78,8 @@ FLOW_PUBLISHED = [
     ("FLUX.1-Turbo-Alpha\\diffusion_pytorch_model.safetensors", "flux_turbo_alpha", 8),
     ("Hyper-FLUX.1-dev-8steps-lora/pytorch_lora_weights.safetensors", "hyper_flux", 8),
     ("Z-Image-Turbo/transformer/diffusion_pytorch_model.safetensors", "z_image_turbo", 9),
+    ("stable-diffusion-3.5-large-turbo/transformer/diffusion_pytorch_model.safetensors", "sd35_large_turbo", 4),
+    ("FLUX.1-schnell/transformer/diffusion_pytorch_model-00001-of-00003.safetensors", "flux_schnell", 4),
 ]
 
 

@@ -97,3 +97,8 @@ def test_sd35_large_turbo_lora_is_detected(comfy, sd35):
     settings = output.args[2]
     assert (settings.family, settings.steps, settings.cfg) == ("sd35_large_turbo", 4, 1.0)
     assert output.ui["fewstep_settings"][0]["lora_scale"] == 1.0
+    # Trained on the distilled model, it is no few-step LoRA of its own: another one on top is no stack.
+    assert "a LoRA for the distilled SD3.5 Large Turbo model" in output.ui["text"][0]
+    loader = comfy.nodes.NODE_CLASS_MAPPINGS["FewStepLoraLoader"]
+    second = loader.execute(model=output.args[0], clip=None, lora_name=name, strength_model=1.0, strength_clip=1.0)
+    assert "stacked" not in second.ui["text"][0]
