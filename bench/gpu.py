@@ -32,6 +32,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -46,6 +47,8 @@ from comfy_harness import COMFYUI_MISSING, COMFYUI_PATH  # noqa: E402
 
 from comfyui_fewstep.fewstep.families import get_family  # noqa: E402
 from comfyui_fewstep.fewstep.schedules import reference_scheduler  # noqa: E402
+
+import real_size_models  # noqa: E402
 
 from gpu_comfy import CaptureLog, Comfy, comfy_cells  # noqa: E402
 from gpu_flow import FLOW_BASES, FLOW_CONFIGS, build_flow, diffusers_flow_inputs, is_flow  # noqa: E402
@@ -204,7 +207,10 @@ def main(argv=None) -> int:
         chosen = [tiny_config(c) for c in chosen]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base_directory = Path(tempfile.mkdtemp(prefix="fewstep-gpu-bench-"))
+    flow = any(is_flow(c) for c in chosen) and not tiny
+    # the flow rows write a 22 GiB transformer: in RAM (/dev/shm) where it fits, not on the disk
+    base_directory = (real_size_models.scratch_dir("fewstep-gpu-bench-", 30) if flow
+                      else Path(tempfile.mkdtemp(prefix="fewstep-gpu-bench-")))
 
     runner = Comfy(base_directory, cpu=not cuda)
     captures = CaptureLog()
@@ -218,6 +224,7 @@ def main(argv=None) -> int:
 
     env["ComfyUI attention"] = attention.optimized_attention.__name__
     env["ComfyUI VAE dtype"] = str(management.vae_dtype(management.vae_device(), [torch.bfloat16, torch.float32]))
+    env["model files"] = str(base_directory)
     log("environment: " + json.dumps(env))
 
     results = {c.key: {} for c in chosen}
@@ -260,6 +267,8 @@ def main(argv=None) -> int:
         write_report(out, chosen, results, env, args)  # what is done so far, should the run be cut short
 
     report = write_report(out, chosen, results, env, args)
+    if flow:  # what is left of the model files (the VAEs), in RAM where /dev/shm held them
+        shutil.rmtree(base_directory, ignore_errors=True)
     print("\n" + report, flush=True)
     failed = [f"{k}/{c}" for k, cells in results.items() for c, cell in cells.items()
               if (cell.error if isinstance(cell, Cell) else cell.get("error")) not in (None, "", SKIPPED)]

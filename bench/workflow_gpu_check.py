@@ -112,7 +112,8 @@ def report(results: dict) -> str:
         lines.append(f"| {name} | {result.get('completed', 0)}/{result.get('prompts', 0)} | {first} | {second} | "
                      f"{files} | {error} |")
     lines += ["", f"server: {results['server']}", f"frontend: {results['frontend']}",
-              f"models: {results['models']}", f"device: {results.get('device')}",
+              f"models: {results['models']}", f"base directory: {results.get('base directory')}",
+              f"device: {results.get('device')}",
               f"server alive at the end: {results.get('server_alive_at_end')}",
               f"wall time: {results.get('wall_s')} s"]
     return "\n".join(lines)
@@ -149,14 +150,20 @@ def main(argv=None) -> int:
         folder = frontend_stand_in(Path(tempfile.mkdtemp(prefix="fewstep-frontend-")))
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
         frontend = "an empty stand-in comfyui_frontend_package (API prompts only; the UI is not served)"
-    base = (args.base_dir or Path(tempfile.mkdtemp(prefix="fewstep-workflow-check-"))).resolve()
+    if args.base_dir is not None:
+        base = args.base_dir.resolve()
+    else:  # one family's files at a time: at most ~40 GiB (Qwen-Image's, with FLUX's T5 and ae kept for later)
+        import real_size_models
+
+        base = real_size_models.scratch_dir("fewstep-workflow-check-", 0 if args.tiny else 48).resolve()
     models = base / "models"
     (models / "text_encoders").mkdir(parents=True, exist_ok=True)
     comfyui_on_path(comfyui)
     flags = "--cpu (tiny check)" if args.tiny else "(defaults)"
     results = {"server": f"python main.py {flags} --base-directory B --disable-auto-launch, 127.0.0.1",
                "frontend": frontend, "models": "tiny stand-ins (testing/workflow_models.py)" if args.tiny else
-               "random weights at real size (testing/real_size_models.py)", "workflows": {}}
+               "random weights at real size (testing/real_size_models.py)", "workflows": {},
+               "base directory": f"{base} ({shutil.disk_usage(base).free / 2**30:.0f} GiB free at the start)"}
 
     def save():
         results["wall_s"] = round(time.perf_counter() - STARTED, 1)

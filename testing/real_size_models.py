@@ -294,6 +294,18 @@ def provide(prompt: dict, later: list[dict], models_dir: Path, device: str, writ
     return records
 
 
+def scratch_dir(prefix: str, need_gib: float) -> Path:
+    """A new temporary folder for model files: in /dev/shm (RAM) where it has `need_gib` free, so writing
+    tens of GB costs seconds rather than a disk's minutes; else in the system's temporary folder."""
+    import shutil
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free / 2**30 >= need_gib:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=shm))
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
 # ---------------------------------------------------------------------------------------------- write
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3"}
