@@ -40,6 +40,15 @@ SD3_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add
                "norm_out.linear"]
 
 
+# QwenImageTransformer2DModel's Linears in its blocks, as the Qwen-Image-Lightning LoRAs train them.
+QWEN_IMAGE_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                      "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2",
+                      "txt_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1", "txt_mod.1"]
+# ZImageTransformer2DModel's attention, feed-forward and modulation Linears (main and refiner blocks).
+Z_IMAGE_TARGETS = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
+                   "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0"]
+
+
 def peft_layers(class_name: str, transformer_dir: Path, targets: list[str], rank: int, lora_alpha: float,
                 seed: int, peft_folder: Path | None = None) -> tuple[dict, dict]:
     """(PEFT state dict of the transformer without PEFT's prefix, its LoraConfig as a dict), random
@@ -152,15 +161,31 @@ def to_comfy_modules(layers: dict, diffusers_to_comfy: dict, scale: float, alpha
     return out
 
 
-def to_onetrainer(layers: dict, scale: float, alpha_ratio: float) -> dict:
-    """OneTrainer's names: "lora_transformer_" + diffusers' module path with underscores, kohya's
-    lora_down/lora_up and a ".alpha" (alpha_ratio × rank), the ups rescaled as in to_comfy_modules."""
+def to_kohya_suffixes(layers: dict, scale: float, alpha_ratio: float, prefix: str, underscores: bool = False) -> dict:
+    """diffusers' module paths under `prefix` with kohya's lora_down/lora_up and a ".alpha" (alpha_ratio ×
+    rank), the ups rescaled as in to_comfy_modules: lightx2v's Qwen-Image-Lightning files (no prefix),
+    ComfyUI's "diffusion_model.", and with underscores OneTrainer's "lora_transformer_" and musubi-tuner's
+    "lora_unet_"."""
     out = {}
     for module, (down, up) in _peft_modules(layers).items():
-        name = "lora_transformer_" + module.replace(".", "_")
+        name = prefix + (module.replace(".", "_") if underscores else module)
         out[f"{name}.lora_down.weight"] = down
         out[f"{name}.lora_up.weight"] = up * (scale / alpha_ratio)
         out[f"{name}.alpha"] = torch.tensor(alpha_ratio * down.shape[0])
+    return out
+
+
+def to_onetrainer(layers: dict, scale: float, alpha_ratio: float) -> dict:
+    return to_kohya_suffixes(layers, scale, alpha_ratio, "lora_transformer_", underscores=True)
+
+
+def with_adapter_name(layers: dict, scale: float, adapter: str = "default") -> dict:
+    """PEFT's module state with its adapter name left in (".lora_A.default.weight"), no alpha: the scale
+    in the ups, as some Qwen-Image LoRAs are published."""
+    out = {}
+    for module, (down, up) in _peft_modules(layers).items():
+        out[f"{module}.lora_A.{adapter}.weight"] = down
+        out[f"{module}.lora_B.{adapter}.weight"] = up * scale
     return out
 
 
