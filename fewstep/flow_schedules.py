@@ -42,6 +42,16 @@ def uses_dynamic_shift(family: Family) -> bool:
     return bool(family.scheduler_overrides.get("use_dynamic_shifting"))
 
 
+def shift_depends_on_size(family: Family) -> bool:
+    """Whether the family's σ depend on the image size: dynamic shifting with μ moving between base_shift
+    and max_shift. Qwen-Image-Lightning's config shifts dynamically with base_shift = max_shift, so its μ
+    is the same at every size and it needs no latent."""
+    if not uses_dynamic_shift(family):
+        return False
+    config = flow_scheduler(family).config
+    return config.base_shift != config.max_shift
+
+
 def flow_scheduler(family: Family) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler.from_config(dict(family.scheduler_overrides))
 
@@ -62,8 +72,8 @@ def flow_sigmas(family_name: str, steps: int, denoise: float = 1.0,
                 latent_size: tuple[int, int] | None = None) -> list[float]:
     """The σ the family's pipeline steps through for `steps` at `denoise`, ending in 0.
 
-    `latent_size` (latent height, width) sets the dynamic shift of families whose card uses one; the
-    others' σ do not depend on it.
+    `latent_size` (latent height, width) sets the dynamic shift of families whose card uses one that
+    moves with the size (shift_depends_on_size); the others' σ do not depend on it.
     """
     family = get_family(family_name)
     if family.flow is None:
@@ -71,12 +81,14 @@ def flow_sigmas(family_name: str, steps: int, denoise: float = 1.0,
     check_flow_steps(family, steps, denoise)
     seq_len = None
     if uses_dynamic_shift(family):
-        if latent_size is None:
+        if latent_size is None and shift_depends_on_size(family):
             raise FewStepInputError(
                 f"latent_image: {family.display_name} shifts its σ by the image size (dynamic shifting); "
                 "connect the latent being sampled (e.g. the Empty SD3 Latent Image) to the scheduler."
             )
-        seq_len = image_seq_len(*latent_size)
+        # Where μ is the same at every size, any token count gives it: the config's base one.
+        seq_len = (image_seq_len(*latent_size) if latent_size is not None
+                   else flow_scheduler(family).config.base_image_seq_len)
     return list(_flow_sigmas(family.name, steps, denoise, seq_len))
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from comfyui_fewstep.fewstep.families import FAMILIES, FewStepInputError
-from comfyui_fewstep.fewstep.flow_schedules import flow_sigmas, image_seq_len
+from comfyui_fewstep.fewstep.flow_schedules import flow_sigmas, image_seq_len, shift_depends_on_size
 from comfyui_fewstep.fewstep.schedules import reference_timesteps
 
 FLOW_FAMILIES = [name for name, family in FAMILIES.items() if family.flow is not None]
@@ -77,9 +77,11 @@ def test_image_tokens_are_counted_like_the_pipelines():
 @pytest.mark.parametrize("family", FLOW_FAMILIES)
 @pytest.mark.parametrize("strength", [0.25, 0.5, 0.6, 0.75, 1.0])
 def test_img2img_keeps_the_steps_diffusers_img2img_pipelines_keep(family, strength):
-    from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
+    import diffusers
 
-    pipeline = StableDiffusion3Img2ImgPipeline if family == "sd35_large_turbo" else FluxImg2ImgPipeline
+    pipeline = getattr(diffusers, {"sd35_large_turbo": "StableDiffusion3Img2ImgPipeline",
+                                   "qwen_image_lightning": "QwenImageImg2ImgPipeline",
+                                   "z_image_turbo": "ZImageImg2ImgPipeline"}.get(family, "FluxImg2ImgPipeline"))
     for steps in (1, 2, 3, 4, 8, 9, 16):
         full = flow_sigmas(family, steps, 1.0, (16, 16))
         # get_timesteps reads only the scheduler's timesteps (one per step) and order.
@@ -94,6 +96,12 @@ def test_dynamic_shift_needs_the_latent():
     with pytest.raises(FewStepInputError, match="latent_image"):
         flow_sigmas("flux_turbo_alpha", 8, 1.0, None)
     assert flow_sigmas("flux_schnell", 4, 1.0, None) == flow_sigmas("flux_schnell", 4, 1.0, (8, 8))
+    # Qwen-Image-Lightning shifts dynamically, but with base_shift = max_shift: μ = ln 3 at every size.
+    assert flow_sigmas("qwen_image_lightning", 8, 1.0, None) == flow_sigmas("qwen_image_lightning", 8, 1.0, (128, 96))
+
+
+def test_only_flux_dev_families_shift_by_size():
+    assert [name for name in FLOW_FAMILIES if shift_depends_on_size(FAMILIES[name])] == ["flux_turbo_alpha", "hyper_flux"]
 
 
 def test_flow_families_have_no_sd_timesteps():
