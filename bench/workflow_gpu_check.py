@@ -102,15 +102,15 @@ def run_workflow(server: ComfyServer, name: str, prompt: dict, runs: int, seed: 
 
 
 def report(results: dict) -> str:
-    lines = ["| workflow | completed | first prompt s | second prompt s | files written (GiB, write s) | error |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| workflow | completed | first prompt s | second prompt s | files written (GiB, write s) | "
+             "GiB of model files on hand | error |", "|---|---|---|---|---|---|---|"]
     for name, result in results["workflows"].items():
         first = f"{result['first_ms'] / 1e3:.2f}" if result.get("first_ms") else "–"
         second = f"{result['second_ms'] / 1e3:.2f}" if result.get("second_ms") else "–"
         files = "; ".join(f"{f['file']} ({f['GiB']}, {f['write_s']})" for f in result.get("files", []))
         error = (result.get("errors") or [""])[0][:300].replace("|", "/").replace("\n", " ")
         lines.append(f"| {name} | {result.get('completed', 0)}/{result.get('prompts', 0)} | {first} | {second} | "
-                     f"{files} | {error} |")
+                     f"{files} | {result.get('GiB on hand', '–')} | {error} |")
     lines += ["", f"server: {results['server']}", f"frontend: {results['frontend']}",
               f"models: {results['models']}", f"base directory: {results.get('base directory')}",
               f"device: {results.get('device')}",
@@ -124,6 +124,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or PACK_ROOT / "bench" / "out") / "workflow_gpu_check")
     parser.add_argument("--workflows", default="", help="comma-separated workflow names (default: every flow workflow)")
     parser.add_argument("--runs", type=int, default=2, help="prompts per workflow (the first loads the models)")
+    parser.add_argument("--plan", action="store_true", help="list the real-size files each workflow needs and the "
+                        "space on hand after each (a CPU server converts the workflows; nothing is written or run)")
     parser.add_argument("--tiny", action="store_true", help="CPU, tiny SD/SDXL stand-ins at 128² (a check of this script)")
     parser.add_argument("--base-dir", type=Path, default=None, help="the server's base directory (models, output); "
                         "default: a new temporary folder, removed at the end (never under --out: a device call "
@@ -137,8 +139,8 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    cuda = torch.cuda.is_available() and not args.tiny
-    if not cuda and not args.tiny:
+    cuda = torch.cuda.is_available() and not args.tiny and not args.plan
+    if not cuda and not args.tiny and not args.plan:
         print("no CUDA device: real-size models need the GPU machine; run with --tiny for the CPU check", file=sys.stderr)
         return 2
     out = args.out
@@ -155,11 +157,14 @@ def main(argv=None) -> int:
     else:  # one family's files at a time: at most ~40 GiB (Qwen-Image's, with FLUX's T5 and ae kept for later)
         import real_size_models
 
-        base = real_size_models.scratch_dir("fewstep-workflow-check-", 0 if args.tiny else 48).resolve()
+        base = real_size_models.scratch_dir("fewstep-workflow-check-", 48 if cuda else 0).resolve()
     models = base / "models"
     (models / "text_encoders").mkdir(parents=True, exist_ok=True)
     comfyui_on_path(comfyui)
-    flags = "--cpu (tiny check)" if args.tiny else "(defaults)"
+    from comfy.cli_args import args as comfy_args
+
+    comfy_args.cpu = not cuda  # this process builds ComfyUI's modules on the meta device (file layouts) only
+    flags = "(defaults)" if cuda else "--cpu (CPU check)"
     results = {"server": f"python main.py {flags} --base-directory B --disable-auto-launch, 127.0.0.1",
                "frontend": frontend, "models": "tiny stand-ins (testing/workflow_models.py)" if args.tiny else
                "random weights at real size (testing/real_size_models.py)", "workflows": {},
@@ -212,7 +217,11 @@ def main(argv=None) -> int:
                     import real_size_models
 
                     entry["files"] = real_size_models.provide(prompt, [prompts[n] for n in names[position + 1:]],
-                                                              models, "cuda", built, log)
+                                                              models, "cuda" if cuda else "cpu", built, log,
+                                                              dry_run=args.plan)
+                    entry["GiB on hand"] = round(sum(record["GiB"] for record in built.values()), 1)
+                    if args.plan:
+                        continue
                 entry.update(run_workflow(server, name, prompt, args.runs, 1000 * (position + 1)))
             except Exception as error:
                 entry.setdefault("errors", []).append(f"{type(error).__name__}: {error}"[:800])
@@ -232,7 +241,7 @@ def main(argv=None) -> int:
     text = report(results)
     print(text, flush=True)
     healthy = results.get("server_alive_at_end") and all(
-        r.get("completed") == r.get("prompts") and not r.get("errors") for r in results["workflows"].values())
+        (args.plan or r.get("completed") == r.get("prompts")) and not r.get("errors") for r in results["workflows"].values())
     return 0 if healthy else 1
 
 

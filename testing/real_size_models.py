@@ -267,29 +267,34 @@ def specs_for_prompt(prompt: dict) -> list[FileSpec]:
     return specs
 
 
-def provide(prompt: dict, later: list[dict], models_dir: Path, device: str, written: dict, log=print) -> list[dict]:
+def provide(prompt: dict, later: list[dict], models_dir: Path, device: str, written: dict, log=print,
+            dry_run: bool = False) -> list[dict]:
     """Write the files `prompt` names that are not there yet, after deleting those written earlier that
     neither it nor any `later` prompt names (one model family's files on disk at a time). `written`:
-    (folder, name) → record, kept by the caller across prompts. Returns the records of `prompt`'s files."""
+    (folder, name) → record, kept by the caller across prompts. Returns the records of `prompt`'s files.
+    `dry_run`: the same bookkeeping, nothing written or deleted (a plan of the files and the space they take)."""
     specs = specs_for_prompt(prompt)
     wanted = {(s.folder, s.name) for s in specs}
     for other in later:
         wanted |= {(s.folder, s.name) for s in specs_for_prompt(other)}
     for key in [k for k in written if k not in wanted]:
-        (Path(models_dir) / key[0] / key[1]).unlink(missing_ok=True)
-        log(f"  deleted {key[0]}/{key[1]}")
+        if not dry_run:
+            (Path(models_dir) / key[0] / key[1]).unlink(missing_ok=True)
+        log(f"  {'would delete' if dry_run else 'deleted'} {key[0]}/{key[1]}")
         del written[key]
     records = []
     for index, spec in enumerate(specs):
         key = (spec.folder, spec.name)
         if key not in written:
             started = time.perf_counter()
-            write_random(spec, models_dir, device, seed=1000 + len(written) + index)
+            if not dry_run:
+                write_random(spec, models_dir, device, seed=1000 + len(written) + index)
             if device == "cuda":
                 torch.cuda.empty_cache()
             written[key] = {"file": f"{spec.folder}/{spec.name}", "description": spec.describe(),
                             "GiB": round(spec.bytes / 2**30, 2), "write_s": round(time.perf_counter() - started, 1)}
-            log(f"  wrote {spec.describe()}: {written[key]['GiB']} GiB in {written[key]['write_s']} s")
+            log(f"  {'would write' if dry_run else 'wrote'} {spec.describe()}: {written[key]['GiB']} GiB"
+                + ("" if dry_run else f" in {written[key]['write_s']} s"))
         records.append(written[key])
     return records
 

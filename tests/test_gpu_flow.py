@@ -130,3 +130,25 @@ def test_workflow_check_runs_a_workflow_through_main_py(tmp_path):
     assert entry["completed"] == 2 and entry["errors"] == [] and entry["first_ms"] > 0 and entry["second_ms"] > 0
     assert results["server_alive_at_end"] is True
     assert "| sdxl_turbo_1step_txt2img | 2/2 |" in (tmp_path / "results.md").read_text()
+
+
+def test_workflow_check_plans_real_size_files_for_every_flow_workflow(tmp_path):
+    """bench/workflow_gpu_check.py --plan (CPU): every flow example workflow converts, each file its loaders
+    name has a real-size layout, and the files on hand at any time fit the device's space (48 GiB)."""
+    from comfy_harness import require_comfyui
+
+    comfyui = require_comfyui()
+    run = subprocess.run([sys.executable, str(PACK_ROOT / "bench" / "workflow_gpu_check.py"), "--plan",
+                          "--out", str(tmp_path)],
+                         env={**os.environ, "COMFYUI_PATH": str(comfyui)}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    workflows = json.loads((tmp_path / "results.json").read_text())["workflows"]
+    from comfyui_fewstep.fewstep.families import FAMILIES
+
+    flow_families = [name for name, family in FAMILIES.items() if family.flow is not None]
+    flow = {path.stem for path in (PACK_ROOT / "example_workflows").glob("*.json")
+            if any(f'"{family}"' in path.read_text() for family in flow_families)}
+    assert set(workflows) == flow and len(flow) >= 6
+    for name, entry in workflows.items():
+        assert not entry.get("errors") and entry["files"], name
+        assert 0 < entry["GiB on hand"] < 48, name
