@@ -41,6 +41,8 @@ STEPS_TOOLTIP = "Sampling steps. The cards: " + ", ".join(
 WITHOUT_GUIDANCE = ", ".join(name for name in FAMILY_NAMES if get_family(name).default_cfg == 1.0)
 ETA_REFERENCES = ", ".join(f"{get_family(name).default_eta:g} for {name}" for name in FAMILY_NAMES
                            if get_family(name).default_eta is not None)
+# The families flow_schedules.shift_depends_on_size picks (test_flow_schedules holds them to these two;
+# Qwen-Image-Lightning's dynamic shift is the same at every size).
 LATENT_TOOLTIP = (
     "Flow-matching families whose card shifts σ by image size (FLUX.1-dev's Turbo-Alpha and Hyper-FLUX): "
     "the latent being sampled, for its token count. Others ignore it."
