@@ -290,6 +290,35 @@ def canonicalize(state_dict: dict, metadata: dict | None = None) -> CanonicalLor
     return CanonicalLora(tensors, layout, unrecognized)
 
 
+# ComfyUI's key maps name some models' modules by diffusers' paths under a trainer's prefix: "lycoris_"
+# (SimpleTuner: FLUX, SD, Qwen-Image, Z-Image) and "lora_transformer_" (OneTrainer: FLUX, SD3), while
+# musubi-tuner and others write the same flattened path after kohya's "lora_unet_" (Z-Image:
+# "lora_unet_layers_0_attention_to_q", where ComfyUI's own "lora_unet_" names are its fused qkv).
+_KOHYA_PREFIXES = ("lora_unet_", "lycoris_", "lora_transformer_")
+
+
+def resolve_kohya_aliases(canonical: CanonicalLora, known) -> CanonicalLora:
+    """`canonical` with each kohya-style module that matches nothing in `known` (ComfyUI's key map) renamed to
+    the one alias under another of those prefixes that does; the rest as it is."""
+    if canonical.layout != "kohya":
+        return canonical
+    renames = {}
+    for module in canonical.modules:
+        prefix = next((p for p in _KOHYA_PREFIXES if module.startswith(p)), None)
+        if module in known or prefix is None:
+            continue
+        aliases = [p + module[len(prefix):] for p in _KOHYA_PREFIXES if p != prefix and p + module[len(prefix):] in known]
+        if len(aliases) == 1:
+            renames[module] = aliases[0]
+    if not renames:
+        return canonical
+    tensors = {}
+    for key, tensor in canonical.tensors.items():
+        module, dot, suffix = key.partition(".")
+        tensors[renames.get(module, module) + dot + suffix] = tensor
+    return CanonicalLora(tensors, canonical.layout, canonical.unrecognized)
+
+
 def card_lora_scale(family_name: str | None) -> float:
     """The LoRA scale the family's card fuses with (pipe.fuse_lora(lora_scale=…); Hyper-FLUX: 0.125),
     read from fewstep/families.py; 1.0 where the card fixes none (every SD1.5/SDXL family, style LoRAs)."""

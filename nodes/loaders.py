@@ -20,7 +20,7 @@ from comfy_api.latest import io
 from ..fewstep.detection import DETECT, check_family_fits_model, resolve_settings
 from ..fewstep.families import FAMILY_NAMES, FewStepInputError, FewStepSettings, get_family
 from ..fewstep.lora_layouts import (canonicalize, card_lora_scale, lora_base, read_safetensors,
-                                    with_peft_adapter_config)
+                                    resolve_kohya_aliases, with_peft_adapter_config)
 from .types import FewStepSettingsType
 from .validation import check_numbers, validation_message
 
@@ -118,6 +118,7 @@ class FewStepLoraLoader(io.ComfyNode):
         key_map = comfy.lora.model_lora_keys_unet(model.model, {})
         if clip is not None:
             key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+        canonical = resolve_kohya_aliases(canonical, key_map)
         modules = canonical.modules
         text_modules = {m for m in modules if m.startswith(("lora_te", "text_encoders."))}
         considered = modules if clip is not None else modules - text_modules
