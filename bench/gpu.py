@@ -52,7 +52,7 @@ import real_size_models  # noqa: E402
 
 from gpu_comfy import CaptureLog, Comfy, comfy_cells  # noqa: E402
 from gpu_flow import FLOW_BASES, FLOW_CONFIGS, build_flow, diffusers_flow_inputs, is_flow  # noqa: E402
-from gpu_models import Built, COLUMNS, CONFIGS, PROMPT, SEED, SKIPPED, build_full, build_tiny, tiny_config  # noqa: E402
+from gpu_models import ABLATION, Built, COLUMNS, CONFIGS, PROMPT, SEED, SKIPPED, build_full, build_tiny, tiny_config  # noqa: E402
 from gpu_report import device_ceilings, environment, write_report  # noqa: E402
 from gpu_timing import Cell, Marks, Memory, log, median, over_budget, synchronize  # noqa: E402
 
@@ -239,8 +239,10 @@ def main(argv=None) -> int:
             continue
         if over_budget(args):  # nothing of this model would be timed: do not spend the budget building it
             for config in group:
-                for column in COLUMNS:
+                for column in COLUMNS + ([ABLATION] if args.ablation else []):
                     results[config.key][column] = Cell(error=SKIPPED)
+                if args.paired:
+                    results[config.key]["paired"] = {"error": SKIPPED}
             save()
             continue
         if base in FLOW_BASES:  # bf16, as FLUX.1 and SD3.5 are published and run
