@@ -19,7 +19,8 @@ FLUX_TEXT_ENCODERS = [
     "(t5xxl_fp8_e4m3fn.safetensors needs half the memory)",
     f"`models/vae/{FLUX_VAE}` — black-forest-labs/FLUX.1-schnell (ae.safetensors)",
 ]
-FLUX_DEV_FILE = f"`models/diffusion_models/{FLUX_DEV}` — black-forest-labs/FLUX.1-dev (gated: accept its licence first)"
+FLUX_DEV_FILE = (f"`models/diffusion_models/{FLUX_DEV}` — black-forest-labs/FLUX.1-dev "
+                 "(gated: accept its licence first)")
 # Comfy-Org's repackaged Qwen-Image (Comfy-Org/Qwen-Image_ComfyUI, split_files/…).
 QWEN_IMAGE = "qwen_image_fp8_e4m3fn.safetensors"
 QWEN_TEXT_ENCODER = "qwen_2.5_vl_7b_fp8_scaled.safetensors"

@@ -183,7 +183,8 @@ def flow_base_of(published_name: str) -> str:
     for mark, base in FLOW_BASES.items():
         if published_name.lower().startswith(mark):
             return base
-    raise ValueError(f"{published_name}: no tiny stand-in for this diffusion model (stand-ins: {', '.join(FLOW_BASES)})")
+    raise ValueError(
+        f"{published_name}: no tiny stand-in for this diffusion model (stand-ins: {', '.join(FLOW_BASES)})")
 
 
 def install_flow_stand_ins(prompt: dict, base_dir: Path) -> list[str]:

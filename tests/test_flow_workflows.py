@@ -114,7 +114,8 @@ class FewStepTestConditioning:
 
 
 def unet_of(path) -> str:
-    (name,) = [node["widgets_values"][0] for node in json.loads(path.read_text())["nodes"] if node["type"] == "UNETLoader"]
+    nodes = json.loads(path.read_text())["nodes"]
+    (name,) = [node["widgets_values"][0] for node in nodes if node["type"] == "UNETLoader"]
     return name
 
 
