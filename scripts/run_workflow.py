@@ -86,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
                     if "ckpt_name" in node["inputs"]:
                         node["inputs"]["ckpt_name"] = args.checkpoint
             if stand_ins:
-                for line in workflow_models.install_stand_ins(prompt, base):
+                try:
+                    placed = workflow_models.install_stand_ins(prompt, base)
+                except ValueError as refused:  # a workflow no tiny stand-in can run (its message says what to do)
+                    failed += 1
+                    print(f"SKIPPED {workflow_path.name}: {refused}", file=sys.stderr)
+                    continue
+                for line in placed:
                     print(f"  stand-in: {line}")
             if args.size:
                 for line in workflow_models.shrink_sizes(prompt, args.size):
