@@ -22,7 +22,7 @@ from comfyui_fewstep.fewstep.acceleration import agreement  # noqa: E402
 
 from gpu_flow import BenchFlowConditioning, flow_prompt, is_flow, transformer_classes  # noqa: E402
 from gpu_models import ABLATION, Built, CHECK_SEED, COLUMNS, Config, NATIVE_ROUTES, PROMPT, SEED, SKIPPED  # noqa: E402
-from gpu_timing import Cell, Marks, Memory, PHASES, PhaseClock, log, median, over_budget, synchronize  # noqa: E402
+from gpu_timing import STARTED as BENCH_STARTED, Cell, Marks, Memory, PHASES, PhaseClock, log, median, over_budget, synchronize  # noqa: E402
 
 # ------------------------------------------------------------------------------------------- ComfyUI
 
@@ -271,14 +271,24 @@ def comfy_cells(comfy: Comfy, built: Built, configs, args, memory: Memory, cuda:
                         before = len(captures.records)
                         first = comfy.run(comfy_prompt(config, built, route, batch, SEED, accelerate=accelerate))
                         compiling = accelerate and accelerate["compile_kernels"]
+                        compiled_in_time = True
                         if compiling:  # the compile runs in the background: the timed runs are of its graphs
-                            compile_worker(comfy).wait_until_idle()
+                            # ... within what is left of --budget-s (a device call's limit), else timed without it
+                            left = args.budget_s - (time.perf_counter() - BENCH_STARTED)
+                            limit = None if left == float("inf") else max(left, 60.0)
+                            compiled_in_time = compile_worker(comfy).wait_until_idle(limit)
+                            if not compiled_in_time:
+                                cell.note = "; ".join(filter(None, [cell.note, (
+                                    f"b{batch}: the compile had not finished {limit:.0f} s after the first prompt "
+                                    f"(--budget-s): timed on the graphs captured without it")]))
+                                log(f"ComfyUI {column} {config.key}: {cell.note}")
                         for i in range(max(warmups - 1, 1 if compiling else 0)):
                             comfy.run(comfy_prompt(config, built, route, batch, SEED + 1 + i, accelerate=accelerate))
                         capture_s = sum(r.seconds for r in captures.records[before:])
                         captured = captures.records[before:]  # none where the node runs eager (the CPU smoke)
                         compiled_parts = {r.part for r in captured if r.compiled}  # the denoiser ("UNet"/"transformer") and the VAE
-                        if compiling and captured and (len(compiled_parts) != 2 or "VAE decode" not in compiled_parts):
+                        if compiling and compiled_in_time and captured and (
+                                len(compiled_parts) != 2 or "VAE decode" not in compiled_parts):
                             raise RuntimeError("compile_kernels is on but a part has no compiled graph "
                                                "(FewStepAccelerate's warning above says why)")
                         memory.reset()

@@ -121,6 +121,8 @@ def table(configs, results: dict) -> str:
                 check = ("; ".join(f"{c['latent'].relative_l2:.1e} / {c['image'].relative_l2:.1e}" for c in checks)
                          + ("" if all(c[k].within_tolerance for c in checks for k in ("latent", "image"))
                             else " OUTSIDE tolerance"))
+            if cell.note:
+                check = f"{check} ({cell.note})"
             lines.append(
                 f"| {config.title} | {column} | {fmt(cell.e2e_ms)} | {fmt(speed, 2, '×')} | {fmt(cell.unet_ms, 2)} | "
                 f"{fmt(cell.vae_ms)} | {fmt(cell.text_ms)} | {fmt(cell.peak_gib, 1)} | {fmt(cell.e2e4_ms)} | "

@@ -107,6 +107,7 @@ class Cell:
     check: dict = field(default_factory=dict)  # accelerated vs eager agreement
     phases_ms: dict = field(default_factory=dict)  # ComfyUI, batch 1: median ms per stage of a prompt (PHASES)
     error: str = ""
+    note: str = ""  # what the reader must know about how this cell was measured
 
     @property
     def images_per_s4(self) -> float:
