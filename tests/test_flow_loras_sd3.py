@@ -102,3 +102,22 @@ def test_sd35_large_turbo_lora_is_detected(comfy, sd35):
     loader = comfy.nodes.NODE_CLASS_MAPPINGS["FewStepLoraLoader"]
     second = loader.execute(model=output.args[0], clip=None, lora_name=name, strength_model=1.0, strength_clip=1.0)
     assert "stacked" not in second.ui["text"][0]
+
+
+def test_adapter_config_is_read_only_beside_its_own_weights(tmp_path):
+    """PEFT's adapter_config.json belongs to the adapter_model.safetensors beside it (or the folder's only
+    LoRA): never to another LoRA that happens to share the folder, nor over a config the file carries."""
+    import json
+
+    from comfyui_fewstep.fewstep.lora_layouts import ADAPTER_METADATA_KEY, with_peft_adapter_config
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 4, "peft_type": "LORA"}))
+    for name in ("adapter_model.safetensors", "renamed.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    metadata, source = with_peft_adapter_config(tmp_path / "adapter_model.safetensors", {})
+    assert source == "adapter_config.json" and json.loads(metadata[ADAPTER_METADATA_KEY])["lora_alpha"] == 4
+    assert with_peft_adapter_config(tmp_path / "renamed.safetensors", {}) == ({}, None)
+    own = {ADAPTER_METADATA_KEY: json.dumps({"r": 4, "lora_alpha": 4})}
+    assert with_peft_adapter_config(tmp_path / "adapter_model.safetensors", own) == (own, None)
+    (tmp_path / "adapter_model.safetensors").unlink()  # now the folder's only LoRA
+    assert with_peft_adapter_config(tmp_path / "renamed.safetensors", {})[1] == "adapter_config.json"
