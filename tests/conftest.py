@@ -17,7 +17,7 @@ from comfy_harness import COMFYUI_MISSING, COMFYUI_PATH, InProcessComfy, require
 # The browser tests (test_browser_*) mark themselves `browser`.
 # Modules that drive real ComfyUI (servers, installs, benchmarks) without asking for the fixtures below.
 INTEGRATION_MODULES = {"test_install", "test_manager_install", "test_bench", "test_soak", "test_robustness",
-                       "test_example_workflows", "test_tiny_models"}
+                       "test_example_workflows", "test_tiny_models", "test_gpu_flow", "test_fidelity_flow"}
 COMFYUI_FIXTURES = {"comfy", "comfy_server", "sd15", "sdxl", "server_sd15"}
 
 

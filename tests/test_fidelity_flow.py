@@ -11,11 +11,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
 
 from comfy_harness import PACK_ROOT, require_comfyui
 
-pytestmark = pytest.mark.integration
 
 PARITY_BOUND = 1e-3  # tests/test_flow_parity.py's bound on the final latent
 

@@ -19,7 +19,6 @@ import torch
 
 from comfy_harness import PACK_ROOT
 
-pytestmark = pytest.mark.integration
 
 DIFFUSION_FILES = [  # (loader input, published name, ComfyUI model config class)
     ("unet_name", "flux1-schnell.safetensors", "FluxSchnell"),
