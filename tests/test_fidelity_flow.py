@@ -11,7 +11,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-
 from comfy_harness import PACK_ROOT, require_comfyui
 
 
