@@ -35,12 +35,12 @@ PACK_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PACK_ROOT / "testing"))
 import pack  # noqa: E402,F401 — registers the pack as the `comfyui_fewstep` package
 from comfy_harness import COMFYUI_MISSING, ComfyServer, PromptFailed, comfyui_on_path, find_comfyui  # noqa: E402
+from server_check import frontend_stand_in, reseeded  # noqa: E402
 
 from comfyui_fewstep.fewstep.families import FAMILIES  # noqa: E402
 from comfyui_fewstep.fewstep.workflow_api import ui_workflow_to_prompt  # noqa: E402
 
 WORKFLOWS = PACK_ROOT / "example_workflows"
-SEED_INPUTS = ("noise_seed", "seed")
 STARTED = time.perf_counter()
 
 
@@ -52,23 +52,6 @@ def is_flow_prompt(prompt: dict) -> bool:
     """A prompt whose Few-Step nodes run a flow-matching family."""
     return any(isinstance(node["inputs"].get("family"), str) and FAMILIES.get(node["inputs"]["family"]) is not None
                and FAMILIES[node["inputs"]["family"]].flow is not None for node in prompt.values())
-
-
-def reseeded(prompt: dict, seed: int) -> dict:
-    copy = json.loads(json.dumps(prompt))
-    for node in copy.values():
-        for name in SEED_INPUTS:
-            if isinstance(node["inputs"].get(name), int):
-                node["inputs"][name] = seed
-    return copy
-
-
-def frontend_stand_in(folder: Path) -> Path:
-    package = folder / "comfyui_frontend_package"
-    (package / "static").mkdir(parents=True, exist_ok=True)
-    (package / "__init__.py").write_text("")
-    (package / "static" / "index.html").write_text("<!doctype html><title>stand-in frontend</title>\n")
-    return folder
 
 
 def ordered(prompts: dict) -> list[str]:
