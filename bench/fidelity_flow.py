@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
+import flow_conditioning  # testing/, on the path bench/fidelity.py sets
+
 SEED = 42
-NEGATIVE_SEED_OFFSET = 1  # the empty-prompt stand-in: conditioning() drawn with another seed
 
 
 @dataclass(frozen=True)
@@ -111,34 +112,11 @@ def flow_cases(family_bases: dict[str, str], families=None) -> list[tuple[str, i
     return cases
 
 
-class FewStepBenchConditioning:
-    """Bench-only node: a stand-in text encoding shaped as ComfyUI's encoders give it
-    ([[hidden states, {"pooled_output": pooled}]]; Qwen-Image's and Z-Image's give no pooled output);
-    `negative` gives the empty-prompt stand-in."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"base": ("STRING", {"default": ""}), "negative": ("BOOLEAN", {"default": False})}}
-
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "encode"
-    CATEGORY = "testing"
-
-    def encode(self, base, negative):
-        from tiny_flow_models import SEED as MODEL_SEED, conditioning
-
-        seed = MODEL_SEED + 2 + (NEGATIVE_SEED_OFFSET if negative else 0)  # conditioning()'s default seed
-        prompt_embeds, pooled = conditioning(seed, base=base or None)
-        if base in ("qwen_image", "z_image"):
-            return ([[prompt_embeds, {}]],)
-        return ([[prompt_embeds, {"pooled_output": pooled}]],)
-
-
 def _common_nodes(tiny, latent_size, latent_file) -> dict:
     height, width = (side * 8 for side in latent_size)
     return {
         "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": tiny.unet_name, "weight_dtype": "default"}},
-        "cond": {"class_type": "FewStepBenchConditioning", "inputs": {"base": tiny.base, "negative": False}},
+        "cond": {"class_type": flow_conditioning.NODE_NAME, "inputs": {"base": tiny.base, "negative": False}},
         "latent_in": ({"class_type": "LoadLatent", "inputs": {"latent": latent_file}} if latent_file else
                       {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}}),
         "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": "fewstep_fidelity"}},
@@ -167,7 +145,7 @@ def native_flow_prompt(tiny, family, route: NativeRoute, steps, denoise, latent_
         model = ["model", 0]
     positive, negative = _guided(prompt, family), ["cond", 0]
     if route.cfg != 1.0:
-        prompt["uncond"] = {"class_type": "FewStepBenchConditioning", "inputs": {"base": tiny.base, "negative": True}}
+        prompt["uncond"] = {"class_type": flow_conditioning.NODE_NAME, "inputs": {"base": tiny.base, "negative": True}}
         negative = ["uncond", 0]
     steps = route.steps or steps
     if route.custom_advanced:
@@ -234,7 +212,7 @@ def run_flow(harness, families=None) -> list[tuple]:
     from flow_reference import FAMILY_BASES, FlowReference
     from tiny_flow_models import build_flow_model
 
-    harness.nodes.NODE_CLASS_MAPPINGS["FewStepBenchConditioning"] = FewStepBenchConditioning
+    harness.nodes.NODE_CLASS_MAPPINGS[flow_conditioning.NODE_NAME] = flow_conditioning.FewStepTestConditioning
     cases = flow_cases(FAMILY_BASES, families)
     cases.sort(key=lambda case: list(FAMILY_BASES.values()).index(FAMILY_BASES[case[0]]))
     rows, base, tiny, reference = [], None, None, None
@@ -262,7 +240,7 @@ def run_flow(harness, families=None) -> list[tuple]:
             native = distance(native_flow_prompt(tiny, family, route, steps, denoise, latent_size, latent_file))
             rows.append((family, steps, denoise, latent_size, route, native, fewstep))
     _release(harness)
-    del harness.nodes.NODE_CLASS_MAPPINGS["FewStepBenchConditioning"]
+    del harness.nodes.NODE_CLASS_MAPPINGS[flow_conditioning.NODE_NAME]
     return rows
 
 

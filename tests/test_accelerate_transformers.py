@@ -70,7 +70,7 @@ def flow_prompt(tiny, family: str, steps: int, vae_checkpoint: str | None = None
     model = ["accel", 0] if vae_checkpoint else ["unet", 0]
     prompt = {
         "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": tiny.unet_name, "weight_dtype": "default"}},
-        "cond": {"class_type": flow_conditioning.NODE_NAME, "inputs": {"seed": 0}},
+        "cond": {"class_type": flow_conditioning.NODE_NAME, "inputs": {"base": tiny.base}},
         "latent_in": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
         "sigmas": {"class_type": "FewStepScheduler", "inputs": {"model": model, "family": family, "steps": steps,
                                                                  "denoise": 1.0, "latent_image": ["latent_in", 0]}},

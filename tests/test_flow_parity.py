@@ -24,39 +24,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import flow_conditioning
 from flow_reference import FAMILY_BASES, PARITY_GRID, SHARED_CASES, FlowReference, sampling_key
-from tiny_flow_models import build_flow_model, conditioning
+from tiny_flow_models import build_flow_model
 
 SEED = 42
 TOLERANCE = 1e-3  # the issue's bound on the final latent; fp32 on both sides
 
 
-class FewStepTestConditioning:
-    """Test-only node: the stand-in text encoding for a tiny base, as ComfyUI's text encoders shape it
-    ([[hidden states, {"pooled_output": pooled}]]; Qwen-Image's and Z-Image's encoders give no pooled
-    output)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        # `rerun`: unused; a new value makes ComfyUI's cache re-run the nodes after this one, not the loader.
-        return {"required": {"base": ("STRING", {"default": ""})}, "optional": {"rerun": ("INT", {"default": 0})}}
-
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "encode"
-    CATEGORY = "testing"
-
-    def encode(self, base, rerun=0):
-        prompt_embeds, pooled = conditioning(base=base)
-        if base in ("qwen_image", "z_image"):
-            return ([[prompt_embeds, {}]],)
-        return ([[prompt_embeds, {"pooled_output": pooled}]],)
-
-
 @pytest.fixture(scope="module")
 def flow_comfy(comfy):
-    comfy.nodes.NODE_CLASS_MAPPINGS["FewStepTestConditioning"] = FewStepTestConditioning
-    yield comfy
-    del comfy.nodes.NODE_CLASS_MAPPINGS["FewStepTestConditioning"]
+    with flow_conditioning.registered(comfy):
+        yield comfy
 
 
 class _OneBaseAtATime:

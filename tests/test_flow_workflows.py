@@ -22,6 +22,7 @@ import json
 
 import pytest
 
+import flow_conditioning
 from comfy_harness import PACK_ROOT
 from comfyui_fewstep.fewstep.families import FAMILIES, get_family
 from comfyui_fewstep.fewstep.workflow_api import ui_workflow_to_prompt
@@ -94,25 +95,6 @@ def test_no_tiny_stand_in_is_offered_for_full_size_text_encoders(tmp_path, objec
 # --- the FLUX and Z-Image workflows run, their text encoders stood in for -------------------------------
 
 
-class FewStepTestConditioning:
-    """Test-only node in place of Text Encode: fixed conditioning as wide as the tiny `base` transformer
-    reads ([[hidden states, {"pooled_output": pooled}]], as ComfyUI's text encoders shape it)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"base": ("STRING", {"default": ""})}}
-
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "encode"
-    CATEGORY = "testing"
-
-    def encode(self, base):
-        from tiny_flow_models import conditioning
-
-        prompt_embeds, pooled = conditioning(base=base)
-        return ([[prompt_embeds, {"pooled_output": pooled}]],)
-
-
 def unet_of(path) -> str:
     nodes = json.loads(path.read_text())["nodes"]
     (name,) = [node["widgets_values"][0] for node in nodes if node["type"] == "UNETLoader"]
@@ -134,7 +116,7 @@ def stand_in_comfy(comfy):
     import comfy.model_management as model_management
 
     harness = comfy
-    harness.nodes.NODE_CLASS_MAPPINGS["FewStepTestConditioning"] = FewStepTestConditioning
+    harness.nodes.NODE_CLASS_MAPPINGS[flow_conditioning.NODE_NAME] = flow_conditioning.FewStepTestConditioning
     harness.placed, harness.loaded_base = [], None
 
     def release():
@@ -143,7 +125,7 @@ def stand_in_comfy(comfy):
 
     harness.release = release
     yield harness
-    del harness.nodes.NODE_CLASS_MAPPINGS["FewStepTestConditioning"]
+    del harness.nodes.NODE_CLASS_MAPPINGS[flow_conditioning.NODE_NAME]
     for relative in harness.placed:
         (harness.models_dir / relative).unlink(missing_ok=True)
     release()
@@ -167,7 +149,7 @@ def test_flow_workflow_runs_with_its_text_encoders_stood_in_for(stand_in_comfy, 
     prompt = ui_workflow_to_prompt(json.loads(path.read_text()), object_info)
     stand_in_comfy.placed += install_flow_stand_ins(prompt, stand_in_comfy.base_directory)
     shrink_sizes(prompt)
-    result = stand_in_comfy.run(with_conditioning_stand_in(prompt, "FewStepTestConditioning", base))
+    result = stand_in_comfy.run(with_conditioning_stand_in(prompt, flow_conditioning.NODE_NAME, base))
 
     (save,) = [node_id for node_id, node in prompt.items() if node["class_type"] == "SaveImage"]
     (image,) = result.files(save, "images")
