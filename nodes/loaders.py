@@ -18,7 +18,7 @@ import torch
 from comfy_api.latest import io
 
 from ..fewstep.detection import DETECT, check_family_fits_model, resolve_settings
-from ..fewstep.families import FAMILY_NAMES, FewStepInputError, FewStepSettings, get_family
+from ..fewstep.families import FAMILIES, FAMILY_NAMES, FewStepInputError, FewStepSettings, get_family
 from ..fewstep.lora_layouts import (canonicalize, card_lora_scale, lora_base, read_safetensors,
                                     resolve_kohya_aliases, with_peft_adapter_config)
 from .types import FewStepSettingsType
@@ -26,6 +26,12 @@ from .validation import check_numbers, validation_message
 
 FEW_STEP_LORAS = "fewstep_loras"  # model_options entry: the few-step LoRAs already on this model
 log = logging.getLogger("ComfyUI-FewStep")
+
+# The bases whose LoRAs the loader reads (fewstep.lora_layouts), as the frontend's search finds them.
+LORA_BASES = "SD1.5, SDXL, FLUX, SD3.5, Qwen-Image or Z-Image"
+# The distilled full flow-matching models, which the UNet loader reads (trained_on_distilled_model's families).
+DISTILLED_FLOW_MODELS = ", ".join(family.display_name for family in FAMILIES.values()
+                                  if family.flow is not None and family.flow.lora_scale is None)
 
 FAMILY_OVERRIDE_TOOLTIP = (
     "'detect' reads the family from the file's metadata and published name; pick a family to override "
@@ -65,14 +71,14 @@ class FewStepLoraLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FewStepLoraLoader",
-            display_name="Few-Step LoRA Loader (LCM, Lightning, Hyper-SD, TCD, DMD2)",
+            display_name="Few-Step LoRA Loader (LCM, Lightning, Hyper-SD, TCD, DMD2; FLUX, SD3.5, Qwen-Image, Z-Image)",
             category="loaders/few-step",
             description=(
-                "Applies a few-step LoRA in any published layout (kohya, diffusers, PEFT, ComfyUI; SD1.5, SDXL "
-                "and FLUX) with every key matched, and outputs the family and settings its model card gives."
+                f"Applies a few-step LoRA in any published layout (kohya, diffusers, PEFT, ComfyUI, …; {LORA_BASES}) "
+                "with every key matched, and outputs the family and settings its model card gives."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The model the LoRA was trained on (SD1.5, SDXL or FLUX family)."),
+                io.Model.Input("model", tooltip=f"The model the LoRA was trained on ({LORA_BASES})."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="Connect to apply the LoRA's text-encoder part (LCM-LoRA has none; some style LoRAs do)."),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
@@ -173,15 +179,17 @@ class FewStepUNetLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FewStepUNetLoader",
-            display_name="Few-Step UNet Loader (Lightning, Hyper-SD, DMD2)",
+            display_name=f"Few-Step UNet Loader (Lightning, Hyper-SD, DMD2; {DISTILLED_FLOW_MODELS})",
             category="loaders/few-step",
             description=(
-                "Loads a distilled SD1.5/SDXL UNet (diffusers or ComfyUI layout) with the prediction type its "
-                "card uses — x0 for the 1-step SDXL-Lightning UNet — and outputs its family and settings."
+                f"Loads a distilled SD1.5/SDXL UNet or flow-matching transformer ({DISTILLED_FLOW_MODELS}), in "
+                "ComfyUI's or diffusers' layout, with the prediction type its card uses — x0 for the 1-step "
+                "SDXL-Lightning UNet — and outputs its family and settings; a family for another base is refused."
             ),
             inputs=[
                 io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
-                               tooltip="A .safetensors UNet in ComfyUI's diffusion_models (unet) folder; pickles are refused."),
+                               tooltip=("A .safetensors UNet or transformer in ComfyUI's diffusion_models "
+                                        "(unet) folder; pickles are refused.")),
                 io.Combo.Input("family", options=[DETECT, *FAMILY_NAMES], default=DETECT, tooltip=FAMILY_OVERRIDE_TOOLTIP),
             ],
             outputs=[

@@ -21,7 +21,7 @@ from ..fewstep.families import (
     resolve_eta,
     resolve_family,
 )
-from ..fewstep.flow_schedules import check_flow_steps, flow_sigmas
+from ..fewstep.flow_schedules import check_flow_steps, flow_sigmas, shift_depends_on_size
 from ..fewstep.schedules import (
     LCM_ORIGINAL_INFERENCE_STEPS,
     DiscreteNoiseSchedule,
@@ -35,18 +35,38 @@ FAMILY_TOOLTIP = (
     "The few-step family the model was distilled as; it fixes timesteps and update rule. "
     + "; ".join(f"{name}: {get_family(name).reference}" for name in FAMILY_NAMES)
 )
+
+
 # Per-family facts in tooltips, read from fewstep/families.py.
+def family_list(predicate) -> str:
+    return ", ".join(name for name in FAMILY_NAMES if predicate(get_family(name)))
+
+
 STEPS_TOOLTIP = "Sampling steps. The cards: " + ", ".join(
     f"{name} {get_family(name).default_steps}" for name in FAMILY_NAMES) + "."
-WITHOUT_GUIDANCE = ", ".join(name for name in FAMILY_NAMES if get_family(name).default_cfg == 1.0)
+WITHOUT_GUIDANCE = family_list(lambda family: family.default_cfg == 1.0)
 ETA_REFERENCES = ", ".join(f"{get_family(name).default_eta:g} for {name}" for name in FAMILY_NAMES
                            if get_family(name).default_eta is not None)
-# The families flow_schedules.shift_depends_on_size picks (test_flow_schedules holds them to these two;
-# Qwen-Image-Lightning's dynamic shift is the same at every size).
+# The node titles are what the frontend's search matches (with the node id): the SD1.5/SDXL
+# distillations by their names, the flow-matching ones by their bases (test_locales holds every family to it).
+FAMILIES_IN_TITLE = "LCM, Turbo, Lightning, Hyper-SD, TCD, DMD2; FLUX, SD3.5, Qwen-Image, Z-Image"
+DENOISE_TOOLTIP = (
+    "1.0 for text-to-image. Below 1 (img2img), as each family's img2img pipeline does: "
+    f"{family_list(lambda f: f.timestep_rule == 'lcm')} keep `steps` steps inside the window (LCM img2img); "
+    f"{family_list(lambda f: f.timestep_rule == 'trailing')} run the last int(steps × denoise) steps "
+    "(so steps × denoise ≥ 1); the flow-matching families "
+    f"({family_list(lambda f: f.flow is not None)}) skip the first int(steps − steps × denoise) steps "
+    "(so at least one step runs)."
+)
 LATENT_TOOLTIP = (
-    "Flow-matching families whose card shifts σ by image size (FLUX.1-dev's Turbo-Alpha and Hyper-FLUX): "
+    "Flow-matching families whose card shifts σ by image size "
+    f"({family_list(lambda f: f.flow is not None and shift_depends_on_size(f))}): "
     "the latent being sampled, for its token count. Others ignore it."
 )
+GUIDED_BY_EMBEDDING = "; ".join(
+    f"{family_list(lambda f, g=value: f.flow is not None and f.flow.guidance == g)} get guidance {value:g}"
+    for value in sorted({f.flow.guidance for f in map(get_family, FAMILY_NAMES)
+                         if f.flow is not None and f.flow.guidance is not None}))
 SETTINGS_TOOLTIP = (
     "Settings a FewStep loader detected from the LoRA/UNet file; when connected, its family "
     "replaces the family widget."
@@ -129,38 +149,36 @@ class FewStepScheduler(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FewStepScheduler",
-            display_name="Few-Step Scheduler (LCM, Turbo, Lightning, Hyper-SD, TCD, DMD2)",
+            display_name=f"Few-Step Scheduler ({FAMILIES_IN_TITLE})",
             category="sampling/few-step",
             description=(
                 "The σ schedule a few-step model's card samples with, from the diffusers scheduler "
                 "it names. Use with Few-Step Sampler in SamplerCustom."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The model to sample; its own σ table turns timesteps into σ."),
+                io.Model.Input("model", tooltip=(
+                    "The model to sample. SD1.5/SDXL families: its own σ table turns timesteps into σ; "
+                    "flow-matching families: it must be the base the family's card runs on.")),
                 family_input(),
                 io.Int.Input(
                     "steps", default=4, min=1, max=50,
                     tooltip=STEPS_TOOLTIP,
                 ),
-                io.Float.Input(
-                    "denoise", default=1.0, min=0.0, max=1.0, step=0.01,
-                    tooltip=(
-                        "1.0 for text-to-image. Below 1 (img2img): LCM/TCD keep `steps` steps inside the "
-                        "window, as diffusers' LCM img2img does; Turbo/Lightning/Hyper-SD/DMD2 run the last "
-                        "int(steps × denoise) steps, as their img2img pipelines do (so steps × denoise ≥ 1)."
-                    ),
-                ),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip=DENOISE_TOOLTIP),
                 io.String.Input(
                     "timesteps", default="", optional=True,
                     tooltip=(
                         "Explicit timesteps, e.g. '999, 759, 499, 259', as the cards' timesteps=[…]; "
-                        "empty uses the family's schedule."
+                        "empty uses the family's schedule. SD1.5/SDXL families only: leave it empty for a "
+                        "flow-matching family, whose σ come from its card's scheduler."
                     ),
                 ),
                 io.Int.Input(
                     "original_inference_steps", default=LCM_ORIGINAL_INFERENCE_STEPS, min=1, max=1000,
                     optional=True,
-                    tooltip=f"LCM/TCD only: the distillation grid the steps are picked from (reference {LCM_ORIGINAL_INFERENCE_STEPS}).",
+                    tooltip=(f"{family_list(lambda f: f.timestep_rule == 'lcm')} only (LCMScheduler/TCDScheduler): "
+                             "the distillation grid the steps are picked from "
+                             f"(reference {LCM_ORIGINAL_INFERENCE_STEPS})."),
                 ),
                 settings_input(),
                 io.Latent.Input("latent_image", optional=True, tooltip=LATENT_TOOLTIP),
@@ -253,11 +271,12 @@ class FewStepSampler(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FewStepSampler",
-            display_name="Few-Step Sampler (LCM, Turbo, Lightning, Hyper-SD, TCD, DMD2)",
+            display_name=f"Few-Step Sampler ({FAMILIES_IN_TITLE})",
             category="sampling/few-step",
             description=(
-                "The family's update rule as its diffusers scheduler steps it (LCM's boundary "
-                "condition, TCD's gamma, Euler ancestral, …). Use with Few-Step Scheduler in SamplerCustom."
+                "The family's update rule as its diffusers scheduler steps it (LCM's boundary condition, TCD's "
+                "gamma, Euler ancestral, …; the flow-matching families: Euler on the velocity, as "
+                "FlowMatchEulerDiscreteScheduler steps). Use with Few-Step Scheduler in SamplerCustom."
             ),
             inputs=[
                 family_input(),
@@ -288,14 +307,15 @@ class FewStepKSampler(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FewStepKSampler",
-            display_name="Few-Step KSampler (LCM, Turbo, Lightning, Hyper-SD, TCD, DMD2)",
+            display_name=f"Few-Step KSampler ({FAMILIES_IN_TITLE})",
             category="sampling/few-step",
             description=(
                 "Samples a few-step model the way its card does — the family's timesteps, update rule and "
                 "initial noise — in one node: Few-Step Scheduler and Sampler run inside ComfyUI's SamplerCustom."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The few-step model (a distilled checkpoint/UNet, or a base model with its LoRA)."),
+                io.Model.Input("model", tooltip=("The few-step model (a distilled checkpoint, UNet or transformer, "
+                                                 "or a base model with its LoRA).")),
                 io.Conditioning.Input("positive", tooltip="The prompt's conditioning."),
                 io.Conditioning.Input(
                     "negative",
@@ -303,7 +323,9 @@ class FewStepKSampler(io.ComfyNode):
                 ),
                 io.Latent.Input(
                     "latent_image",
-                    tooltip="An Empty Latent Image for text-to-image, at the size the model card uses, or an encoded image with denoise < 1.",
+                    tooltip=("An empty latent for text-to-image (Empty Latent Image for SD1.5/SDXL, Empty SD3 Latent "
+                             "Image for the flow-matching families), at the size the model card uses, or an encoded "
+                             "image with denoise < 1."),
                 ),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the initial and per-step noise, drawn as ComfyUI's SamplerCustom draws it."),
@@ -314,7 +336,9 @@ class FewStepKSampler(io.ComfyNode):
                     "cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                     tooltip=(
                         "Classifier-free guidance. The cards use 1.0 (no guidance: the negative prompt has no "
-                        f"effect) for {WITHOUT_GUIDANCE}; LCM-LoRA takes 1–2, Hyper-SD's CFG LoRAs 5–8."
+                        f"effect) for {WITHOUT_GUIDANCE}; LCM-LoRA takes 1–2, Hyper-SD's CFG LoRAs 5–8. "
+                        f"FLUX.1-dev's distilled guidance is no cfg: {GUIDED_BY_EMBEDDING} on the conditioning, as "
+                        "FluxGuidance sets it, unless a FluxGuidance already set one."
                     ),
                 ),
                 io.Float.Input(

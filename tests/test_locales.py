@@ -129,6 +129,17 @@ def test_chinese_texts_keep_every_number_and_family_of_the_english(node_infos, z
     assert not problems, "Chinese texts out of step with the nodes:\n" + "\n".join(problems)
 
 
+@pytest.mark.parametrize("node", ["FewStepScheduler", "FewStepSampler", "FewStepKSampler"])
+def test_sampling_node_titles_name_every_family(node_infos, node):
+    """The frontend's node search matches the display name (and the node id): each family's own name
+    in fewstep/families.py holds one of the words in the sampling nodes' titles, so a new family
+    fails here until the title names it."""
+    words = re.split(r"[,;]\s*", re.search(r"\((.*)\)", node_infos[node]["display_name"]).group(1))
+    unnamed = [family.display_name for family in FAMILIES.values()
+               if not any(word in family.display_name for word in words)]
+    assert not unnamed, f"{node}'s display name names none of {unnamed} (its words: {words})"
+
+
 def test_fact_check_sees_a_changed_number():
     """The comparison itself: a Chinese text with one step count changed is caught."""
     english = "Sampling steps. The cards: lcm 4, tcd 4, turbo 1."
