@@ -71,7 +71,7 @@ class FewStepLoraLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FewStepLoraLoader",
-            display_name="Few-Step LoRA Loader (LCM, Lightning, Hyper-SD, TCD, DMD2; FLUX, SD3.5, Qwen-Image, Z-Image)",
+            display_name="Few-Step LoRA Loader (LCM, Lightning, Hyper, TCD, DMD2, FLUX)",
             category="loaders/few-step",
             description=(
                 f"Applies a few-step LoRA in any published layout (kohya, diffusers, PEFT, ComfyUI, …; {LORA_BASES}) "
@@ -179,7 +179,7 @@ class FewStepUNetLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FewStepUNetLoader",
-            display_name=f"Few-Step UNet Loader (Lightning, Hyper-SD, DMD2; {DISTILLED_FLOW_MODELS})",
+            display_name="Few-Step UNet Loader (Lightning, Hyper-SD, DMD2, FLUX, SD3.5, Z-Image)",
             category="loaders/few-step",
             description=(
                 f"Loads a distilled SD1.5/SDXL UNet or flow-matching transformer ({DISTILLED_FLOW_MODELS}), in "
