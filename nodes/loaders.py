@@ -179,7 +179,7 @@ class FewStepUNetLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FewStepUNetLoader",
-            display_name="Few-Step UNet Loader (Lightning, Hyper-SD, DMD2, FLUX, SD3.5, Z-Image)",
+            display_name="Few-Step UNet Loader (Lightning, Hyper, DMD2, FLUX, SD3.5, Z-Image)",
             category="loaders/few-step",
             description=(
                 f"Loads a distilled SD1.5/SDXL UNet or flow-matching transformer ({DISTILLED_FLOW_MODELS}), in "
