@@ -76,7 +76,7 @@ class BoundCall:
     @classmethod
     def of(cls, function, args: Sequence[Any], kwargs: Mapping[str, Any]) -> "BoundCall":
         """`function(*args, **kwargs)` by name (a TypeError where they do not fit its signature)."""
-        signature = inspect.signature(function)
+        signature = _signature(function)
         bound = signature.bind(*args, **kwargs)
         arguments = {}
         for name, value in bound.arguments.items():
@@ -100,3 +100,16 @@ class BoundCall:
                 break
             positional.append(arguments.pop(parameter.name, parameter.default))
         return function(*positional, **arguments)
+
+
+_SIGNATURES: dict = {}
+
+
+def _signature(function) -> inspect.Signature:
+    """inspect.signature, once per function: the wrapper binds every model call (each sampling step), and
+    a bound method's signature is the same for every instance of its class."""
+    key = (getattr(function, "__func__", function), hasattr(function, "__self__"))
+    signature = _SIGNATURES.get(key)
+    if signature is None:
+        signature = _SIGNATURES[key] = inspect.signature(function)
+    return signature
