@@ -21,7 +21,10 @@ from interleaved_pairs import interleaved_pairs  # noqa: E402
 from comfyui_fewstep.fewstep.acceleration import agreement  # noqa: E402
 
 from gpu_flow import BenchFlowConditioning, flow_prompt, is_flow, transformer_classes  # noqa: E402
-from gpu_models import ABLATION, Built, CHECK_SEED, COLUMNS, Config, NATIVE_ROUTES, PROMPT, SEED, SKIPPED  # noqa: E402
+from gpu_models import (  # noqa: E402
+    ABLATION, Built, CHECK_SEED, COLUMNS, Config, NATIVE_ROUTES, PROMPT, SEED, SKIPPED, add_decode_and_sink,
+    add_fewstep_sampling,
+)
 from gpu_timing import STARTED as BENCH_STARTED, Cell, Marks, Memory, PHASES, PhaseClock, log, median, over_budget, synchronize  # noqa: E402
 
 # ------------------------------------------------------------------------------------------- ComfyUI
@@ -156,15 +159,8 @@ def comfy_prompt(config: Config, built: Built, route: str, batch: int, seed: int
                 "model": model, "seed": seed, "steps": config.steps, "cfg": 1.0, "sampler_name": sampler_name,
                 "scheduler": scheduler, "denoise": 1.0, **common}}
     else:
-        prompt[f"{p}sigmas"] = {"class_type": "FewStepScheduler", "inputs": {
-            "model": model, "family": config.family, "steps": config.steps, "denoise": 1.0}}
-        prompt[f"{p}sampler"] = {"class_type": "FewStepSampler", "inputs": {"family": config.family}}
-        prompt[f"{p}sample"] = {"class_type": "SamplerCustom", "inputs": {
-            "model": model, "add_noise": True, "noise_seed": seed, "cfg": 1.0,
-            "sampler": [f"{p}sampler", 0], "sigmas": [f"{p}sigmas", 0], **common}}
-    prompt[f"{p}decode"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"{p}sample", 0], "vae": vae}}
-    prompt[f"{p}sink"] = {"class_type": "FewStepBenchSink",
-                          "inputs": {"images": [f"{p}decode", 0], "latent": [f"{p}sample", 0], "tag": tag}}
+        add_fewstep_sampling(prompt, p, model, config, seed, common)
+    add_decode_and_sink(prompt, p, vae, tag)
     return prompt
 
 

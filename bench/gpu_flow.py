@@ -31,7 +31,7 @@ import pack  # noqa: E402,F401 — registers the pack as the `comfyui_fewstep` p
 
 from real_size_models import FLUX_SCHNELL_TRANSFORMER, SD35_LARGE_TRANSFORMER, VAE_16, VAE_16_SCALING  # noqa: E402
 
-from gpu_models import Built, Config, SEED  # noqa: E402
+from gpu_models import Built, Config, SEED, add_decode_and_sink, add_fewstep_sampling  # noqa: E402
 from gpu_timing import log  # noqa: E402
 
 FLOW_BASES = ("flux_schnell", "sd35_large")
@@ -186,16 +186,8 @@ def flow_prompt(config: Config, built: Built, route: str, batch: int, seed: int,
             "model": model, "seed": seed, "steps": config.steps, "denoise": 1.0,
             **NATIVE_FLOW_ROUTES[config.family], **common}}
     else:
-        prompt[f"{p}sigmas"] = {"class_type": "FewStepScheduler", "inputs": {
-            "model": model, "family": config.family, "steps": config.steps, "denoise": 1.0,
-            "latent_image": [f"{p}latent", 0]}}
-        prompt[f"{p}sampler"] = {"class_type": "FewStepSampler", "inputs": {"family": config.family}}
-        prompt[f"{p}sample"] = {"class_type": "SamplerCustom", "inputs": {
-            "model": model, "add_noise": True, "noise_seed": seed, "cfg": 1.0,
-            "sampler": [f"{p}sampler", 0], "sigmas": [f"{p}sigmas", 0], **common}}
-    prompt[f"{p}decode"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"{p}sample", 0], "vae": vae}}
-    prompt[f"{p}sink"] = {"class_type": "FewStepBenchSink",
-                          "inputs": {"images": [f"{p}decode", 0], "latent": [f"{p}sample", 0], "tag": tag}}
+        add_fewstep_sampling(prompt, p, model, config, seed, common, latent_image=[f"{p}latent", 0])
+    add_decode_and_sink(prompt, p, vae, tag)
     return prompt
 
 

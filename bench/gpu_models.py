@@ -200,3 +200,21 @@ def build_tiny(base: str, models_dir: Path) -> Built:
     return built
 
 
+
+
+def add_fewstep_sampling(prompt: dict, p: str, model: list, config: Config, seed: int, common: dict,
+                         **scheduler_inputs) -> None:
+    """The FewStep columns' sampling: Few-Step Scheduler + Sampler inside SamplerCustom (nodes named `p`…)."""
+    prompt[f"{p}sigmas"] = {"class_type": "FewStepScheduler", "inputs": {
+        "model": model, "family": config.family, "steps": config.steps, "denoise": 1.0, **scheduler_inputs}}
+    prompt[f"{p}sampler"] = {"class_type": "FewStepSampler", "inputs": {"family": config.family}}
+    prompt[f"{p}sample"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": model, "add_noise": True, "noise_seed": seed, "cfg": 1.0,
+        "sampler": [f"{p}sampler", 0], "sigmas": [f"{p}sigmas", 0], **common}}
+
+
+def add_decode_and_sink(prompt: dict, p: str, vae: list, tag: str) -> None:
+    """Every column's end: VAE Decode of `p`sample, then the bench's sink node (image and latent)."""
+    prompt[f"{p}decode"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"{p}sample", 0], "vae": vae}}
+    prompt[f"{p}sink"] = {"class_type": "FewStepBenchSink",
+                          "inputs": {"images": [f"{p}decode", 0], "latent": [f"{p}sample", 0], "tag": tag}}
