@@ -1,10 +1,13 @@
 """Few-Step Accelerate as users run it: a real `python main.py`, its default flags, prompts over HTTP.
 
-Starts ComfyUI's server with its default flags (on CUDA: PyTorch's cudaMallocAsync allocator), queues
-every example workflow that uses Few-Step Accelerate `--runs` times (a new seed each time, so each
-prompt samples and decodes again), then a workflow without it, and checks after every prompt that the
-server is still up. Then the same again with `--disable-cuda-malloc`. Each prompt is timed from
-POST /prompt to its finished history entry, as a websocket client sees it.
+Starts ComfyUI's server with its default flags (on CUDA: PyTorch's cudaMallocAsync allocator) and, for
+every example workflow that uses Few-Step Accelerate: queues it once (a size the server has not seen runs
+at once on CUDA graphs of the eager kernels while torch.compile works in the background), then a prompt a
+second until the node's log says every background compile was captured or given up, then `--runs`
+prompts more, which replay the compiled graphs (a new seed each time, so each prompt samples and decodes
+again). Then a workflow without it. After every prompt it checks that the server is still up. Then the
+same again with `--disable-cuda-malloc`. Each prompt is timed from POST /prompt to its finished history
+entry, as a websocket client sees it.
 
     python3 bench/server_check.py --out bench/out/server_check            # GPU: full-size SDXL, random weights
     python3 bench/server_check.py --model tiny --runs 2 --flag-sets default   # quick: the tests' tiny stand-ins
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -43,6 +47,11 @@ DEFAULT_FLAG_SETS = ("default", "disable-cuda-malloc")
 SEED_INPUTS = ("noise_seed", "seed")
 # Lines of a server log that mean trouble for the process, whatever the prompts said.
 FATAL_MARKS = ("terminate called", "Aborted", "Segmentation fault", "core dumped", "CUDA error")
+# What Few-Step Accelerate logs about its background compiles: one line when a shape's compile is handed
+# to the worker, one when its compiled code is captured, or one saying why it is not used.
+COMPILE_STARTED = re.compile(r"FewStepAccelerate: .* compiles it in the background")
+COMPILED_CAPTURE = re.compile(r"FewStepAccelerate: captured (UNet|transformer|VAE decode) CUDA graph for .* \(compiled")
+COMPILE_GIVEN_UP = re.compile(r"FewStepAccelerate: .*(torch\.compile failed|compiled kernels could not be captured)")
 
 
 def accelerated_workflows() -> list[Path]:
@@ -96,32 +105,69 @@ def reseeded(prompt: dict, seed: int) -> dict:
     return copy
 
 
-def run_prompts(server: ComfyServer, name: str, prompt: dict, runs: int, first_seed: int) -> dict:
-    times, errors = [], []
-    for index in range(runs):
+def compiles_pending(log: str) -> int:
+    """Background compiles handed to the worker whose compiled code is neither captured nor given up."""
+    return (len(COMPILE_STARTED.findall(log)) - len(COMPILED_CAPTURE.findall(log))
+            - len(COMPILE_GIVEN_UP.findall(log)))
+
+
+class PromptRuns:
+    """Prompts of one workflow on one server, each timed and checked; stops at the first lost server."""
+
+    def __init__(self, server: ComfyServer, name: str, prompt: dict, first_seed: int):
+        self.server, self.name, self.prompt, self.seed = server, name, prompt, first_seed
+        self.times, self.errors = [], []
+
+    def run(self, label: str) -> bool:
+        """One prompt; False once the server is gone."""
         started = time.perf_counter()
         try:
-            server.run(reseeded(prompt, first_seed + index), timeout=1200)
-            times.append((time.perf_counter() - started) * 1e3)
-            outcome = f"{times[-1]:.1f} ms"
+            self.server.run(reseeded(self.prompt, self.seed), timeout=1200)
+            self.times.append((time.perf_counter() - started) * 1e3)
+            outcome = f"{self.times[-1]:.1f} ms"
         except PromptFailed as failure:
-            errors.append(failure.message[:500] or str(failure)[:500])
-            outcome = f"FAILED: {errors[-1][:200]}"
+            self.errors.append(failure.message[:500] or str(failure)[:500])
+            outcome = f"FAILED: {self.errors[-1][:200]}"
         except Exception as error:  # the connection dropped: the server may be gone
-            errors.append(f"{type(error).__name__}: {error}"[:500])
-            outcome = f"FAILED: {errors[-1][:200]}"
-        alive = server.process.poll() is None
-        print(f"  {name} #{index + 1}: {outcome}{'' if alive else ' — SERVER GONE'}", flush=True)
-        if not alive:
+            self.errors.append(f"{type(error).__name__}: {error}"[:500])
+            outcome = f"FAILED: {self.errors[-1][:200]}"
+        self.seed += 1
+        alive = self.server.process.poll() is None
+        print(f"  {self.name} {label}: {outcome}{'' if alive else ' — SERVER GONE'}", flush=True)
+        return alive
+
+
+def run_prompts(server: ComfyServer, name: str, prompt: dict, runs: int, first_seed: int,
+                compile_limit_s: float | None = None) -> dict:
+    """The first prompt; with `compile_limit_s`, a prompt a second while compiles are pending (at most
+    that long); then `runs` prompts, timed apart."""
+    prompts = PromptRuns(server, name, prompt, first_seed)
+    started = time.perf_counter()
+    alive = prompts.run("first")
+    waiting, accelerated_after_s = 0, None
+    while alive and compile_limit_s is not None and compiles_pending(server.log_text()) > 0:
+        if time.perf_counter() - started > compile_limit_s:
             break
-    return {"workflow": name, "prompts": runs, "completed": len(times), "errors": errors,
-            "first_ms": times[0] if times else None,
-            "median_after_first_ms": statistics.median(times[1:]) if len(times) > 1 else None,
+        time.sleep(1.0)
+        waiting += 1
+        alive = prompts.run(f"while compiling #{waiting}")
+    if compile_limit_s is not None and compiles_pending(server.log_text()) == 0:
+        accelerated_after_s = round(time.perf_counter() - started, 2)
+    counted_from = len(prompts.times)
+    for index in range(runs if alive else 0):
+        if not prompts.run(f"#{index + 1}"):
+            break
+    times = prompts.times
+    counted = times[counted_from:]
+    return {"workflow": name, "prompts": 1 + waiting + runs, "completed": len(times), "errors": prompts.errors,
+            "first_ms": times[0] if times else None, "prompts_while_compiling": waiting,
+            "compiled_after_s": accelerated_after_s, "counted_prompts": len(counted),
+            "median_counted_ms": statistics.median(counted) if counted else None,
             "times_ms": [round(t, 2) for t in times]}
 
 
 def check_flag_set(comfyui: Path, base: Path, label: str, flags: tuple, workflows: list[Path],
-                   prompts: dict, runs: int, out: Path) -> dict:
+                   prompts: dict, runs: int, out: Path, compile_limit_s: float) -> dict:
     log_path = out / f"server-{label}.log"
     log_path.unlink(missing_ok=True)
     print(f"== python main.py {' '.join(flags) or '(default flags)'}", flush=True)
@@ -133,11 +179,11 @@ def check_flag_set(comfyui: Path, base: Path, label: str, flags: tuple, workflow
     results = []
     try:
         for seed_base, path in enumerate(workflows, start=1):
-            results.append(run_prompts(server, path.name, prompts[path.name], runs, 1000 * seed_base))
+            results.append(run_prompts(server, path.name, prompts[path.name], runs, 1000 * seed_base, compile_limit_s))
             if server.process.poll() is not None:
                 break
         if server.process.poll() is None:
-            results.append(run_prompts(server, PLAIN_WORKFLOW.name, prompts[PLAIN_WORKFLOW.name], PLAIN_RUNS, 99))
+            results.append(run_prompts(server, PLAIN_WORKFLOW.name, prompts[PLAIN_WORKFLOW.name], PLAIN_RUNS - 1, 99))
         alive = server.process.poll() is None
         exit_code = server.process.returncode
     finally:
@@ -153,15 +199,18 @@ def check_flag_set(comfyui: Path, base: Path, label: str, flags: tuple, workflow
 
 
 def report(checks: dict, placed: list[str], frontend: str) -> str:
-    lines = ["| server flags | workflow | prompts | completed | first prompt | median after first | server up after |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| server flags | workflow | prompts | completed | first prompt | prompts while compiling | compiled "
+             "after | median of the counted prompts | server up after |", "|---|---|---|---|---|---|---|---|---|"]
     for check in checks.values():
         flags = " ".join(check["flags"]) or "(defaults)"
         for result in check["results"]:
-            first = f"{result['first_ms'] / 1e3:.1f} s" if result["first_ms"] is not None else "–"
-            median = f"{result['median_after_first_ms']:.1f} ms" if result["median_after_first_ms"] else "–"
+            first = f"{result['first_ms'] / 1e3:.2f} s" if result["first_ms"] is not None else "–"
+            compiled = f"{result['compiled_after_s']:.1f} s" if result["compiled_after_s"] is not None else "–"
+            median = (f"{result['median_counted_ms']:.1f} ms ({result['counted_prompts']})"
+                      if result["median_counted_ms"] else "–")
             lines.append(f"| {flags} | {result['workflow']} | {result['prompts']} | {result['completed']} | {first} "
-                         f"| {median} | {'yes' if check['server_alive_at_end'] else 'NO'} |")
+                         f"| {result['prompts_while_compiling']} | {compiled} | {median} "
+                         f"| {'yes' if check['server_alive_at_end'] else 'NO'} |")
     lines.append("")
     lines.append(f"models: {'; '.join(placed)}")
     lines.append(f"frontend: {frontend}")
@@ -180,6 +229,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=PACK_ROOT / "bench" / "out" / "server_check")
     parser.add_argument("--runs", type=int, default=20, help="prompts per accelerated workflow and flag set")
     parser.add_argument("--model", choices=("full", "tiny"), default="full")
+    parser.add_argument("--compile-limit-s", type=float, default=420,
+                        help="longest wait, per workflow and server, for the background compiles (cold: minutes)")
     parser.add_argument("--flag-sets", nargs="+", choices=list(FLAG_SETS), default=list(DEFAULT_FLAG_SETS))
     parser.add_argument("--frontend-stand-in", action="store_true",
                         help="supply an empty comfyui_frontend_package where it is not installed")
@@ -208,7 +259,8 @@ def main(argv=None) -> int:
     prompts = {path.name: ui_workflow_to_prompt(json.loads(path.read_text()), object_info)
                for path in [*workflows, PLAIN_WORKFLOW]}
     placed = install_models(args.model, base, prompts)
-    checks = {label: check_flag_set(comfyui, base, label, FLAG_SETS[label], workflows, prompts, args.runs, args.out)
+    checks = {label: check_flag_set(comfyui, base, label, FLAG_SETS[label], workflows, prompts, args.runs, args.out,
+                                    args.compile_limit_s)
               for label in args.flag_sets}
     environment = {"torch": subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
                                            capture_output=True, text=True).stdout.strip(),

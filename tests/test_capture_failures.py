@@ -195,7 +195,7 @@ def test_no_prompt_waits_for_the_compile_and_the_compiled_graph_takes_over(
     for part in ("UNet", "VAE decode"):
         assert any(message.startswith(f"FewStepAccelerate: captured {part} CUDA graph for (2, 4, 8, 8) float32")
                    and "(compiled, cuDNN autotuned)" in message and "compiled in the background in" in message
-                   for message in messages)
+                   and "of which AOTAutograd and Inductor" in message for message in messages)
     assert any("UNet: 1 of at most 4 sizes captured (1 compiled, 0 compiling)" in message for message in messages)
 
 

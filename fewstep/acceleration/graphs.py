@@ -135,6 +135,7 @@ class CaptureRecord:
     seconds: float  # on the prompt's time: warm-up runs and capture
     compiled: bool = False
     compile_seconds: float | None = None  # in the background, before a compiled capture
+    backend_seconds: float | None = None  # of compile_seconds, in AOTAutograd and Inductor (or their caches)
 
 
 @dataclass
@@ -270,7 +271,7 @@ class GraphCache:
             torch.cuda.synchronize()
             return None
         self.graphs.pop(signature, None)  # the eager-kernel graph's memory goes back to the pool
-        return self._keep(signature, graph, job.seconds)
+        return self._keep(signature, graph, job.seconds, job.backend_seconds)
 
     def _capture(self, signature, function, inputs, module) -> CapturedGraph | None:
         while len(self.graphs) >= self.max_shapes:
@@ -298,15 +299,18 @@ class GraphCache:
         self.say(f"{self.part}: {what} ({reason}); running eager for this shape")
         torch.cuda.synchronize()
 
-    def _keep(self, signature, graph: CapturedGraph, compile_seconds: float | None = None) -> CapturedGraph:
+    def _keep(self, signature, graph: CapturedGraph, compile_seconds: float | None = None,
+              backend_seconds: float | None = None) -> CapturedGraph:
         self.graphs[signature] = graph
-        record = CaptureRecord(self.part, signature, graph.capture_seconds, graph.compiled, compile_seconds)
+        record = CaptureRecord(self.part, signature, graph.capture_seconds, graph.compiled, compile_seconds,
+                               backend_seconds)
         self.captures.append(record)
         how = [what for what, used in (("compiled", graph.compiled), ("cuDNN autotuned", graph.autotuned)) if used]
         log.info("FewStepAccelerate: captured %s CUDA graph for %s in %.2f s%s; replayed for every later "
                  "call of this shape%s", self.part, describe(signature), graph.capture_seconds,
                  f" ({', '.join(how)})" if how else "",
-                 f" (compiled in the background in {compile_seconds:.1f} s)" if compile_seconds is not None else "",
+                 f" (compiled in the background in {compile_seconds:.1f} s, of which AOTAutograd and Inductor "
+                 f"{backend_seconds:.1f} s)" if compile_seconds is not None else "",
                  extra={"fewstep_capture": record})
         if self.on_change is not None:
             self.on_change()
