@@ -259,18 +259,20 @@ def main(argv=None) -> int:
     prompts = {path.name: ui_workflow_to_prompt(json.loads(path.read_text()), object_info)
                for path in [*workflows, PLAIN_WORKFLOW]}
     placed = install_models(args.model, base, prompts)
-    checks = {label: check_flag_set(comfyui, base, label, FLAG_SETS[label], workflows, prompts, args.runs, args.out,
-                                    args.compile_limit_s)
-              for label in args.flag_sets}
     environment = {"torch": subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
                                            capture_output=True, text=True).stdout.strip(),
                    "gpu": subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                                          capture_output=True, text=True).stdout.strip() if args.model == "full" else None}
-    (args.out / "results.json").write_text(json.dumps(
-        {"model": args.model, "frontend": frontend, "placed": placed, "environment": environment, "checks": checks},
-        indent=1))
-    text = report(checks, placed, frontend)
-    (args.out / "results.md").write_text(text + "\n")
+    checks = {}
+    for label in args.flag_sets:
+        checks[label] = check_flag_set(comfyui, base, label, FLAG_SETS[label], workflows, prompts, args.runs, args.out,
+                                       args.compile_limit_s)
+        # Written after each server, so that a run stopped by a time limit keeps what it saw.
+        (args.out / "results.json").write_text(json.dumps(
+            {"model": args.model, "frontend": frontend, "placed": placed, "environment": environment,
+             "checks": checks}, indent=1))
+        text = report(checks, placed, frontend)
+        (args.out / "results.md").write_text(text + "\n")
     print(text)
     healthy = all(check["server_alive_at_end"] and not check["fatal_lines"]
                   and all(result["completed"] == result["prompts"] for result in check["results"])
