@@ -8,8 +8,9 @@ keys ("….processor.to_q_lora.down.weight") it maps only in part, so they are r
 transformers' (FLUX, SD3.5, Qwen-Image, Z-Image) diffusers keys keep their "transformer." names, which
 ComfyUI maps itself; the same module names without a prefix (lightx2v's Qwen-Image-Lightning files:
 "transformer_blocks.0.attn.to_q.lora_down.weight" + ".alpha"), under PEFT's "base_model.model." or with
-PEFT's adapter name (".lora_A.default.weight") are given it. Only names change: the tensors go to
-ComfyUI's own loader untouched.
+PEFT's adapter name (".lora_A.default.weight") are given it. Z-Image's dotted layout (Anime-Z) is read as
+diffusers reads it, its duplicated modules dropped. Only names change: the tensors go to ComfyUI's own
+loader untouched.
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ _TEXT_PROCESSOR_NAMES = {".to_q": ".q_proj", ".to_k": ".k_proj", ".to_v": ".v_pr
 class CanonicalLora:
     tensors: dict  # canonical key → tensor
     # "kohya" (also OneTrainer's "lora_transformer_"), "diffusers", "diffusers_legacy", "peft",
-    # "peft_base_model", "comfyui", "lightx2v" (diffusers module names, kohya's lora_down/lora_up/alpha)
+    # "peft_base_model", "comfyui", "lightx2v" (diffusers module names, kohya's lora_down/lora_up/alpha),
+    # "z_image_dotted" (Anime-Z's)
     layout: str
     unrecognized: list[str] = field(default_factory=list)  # keys that are no LoRA weight at all
 
@@ -102,6 +104,56 @@ def read_safetensors_metadata(path: Path) -> dict:
     return header.get("__metadata__") or {}
 
 
+# Z-Image attention as some trainers write it (Anime-Z; diffusers issue #13203): kohya's suffixes with dots
+# ("layers.0.attention.to.q.lora.down.weight"), the alphas under diffusers' names ("….attention.to_q.alpha"),
+# and beside q/k/v and to_out.0 the same deltas again on Z-Image's own modules, the fused "attention.qkv" and
+# the bare "attention.out". Read as diffusers' ZImageLoraLoaderMixin reads it
+# (lora_conversion_utils._convert_non_diffusers_z_image_lora_to_diffusers): to.q/k/v → to_q/k/v; qkv dropped
+# (with its alpha) where split q/k/v keys exist, else split in thirds of its rows under its alpha; out
+# dropped where to_out.0 exists, else read as to_out.0 — so no delta is lost or applied twice.
+# Told apart by its split "to.q/k/v" (a fused qkv alone under "diffusion_model." is ComfyUI's own layout).
+_Z_IMAGE_DOTTED = re.compile(r"\.attention\.to\.[qkv]\.lora\.down\.weight$")
+_DOT_DOWN, _DOT_UP = ".lora.down.weight", ".lora.up.weight"
+
+
+def _z_image_dotted_to_kohya_suffixes(state_dict: dict) -> dict:
+    """The dotted Z-Image layout with diffusers' module names and kohya's ".lora_down"/".lora_up"/".alpha";
+    an alpha scales its module as alpha / rank on both sides, so it is kept rather than folded in."""
+    if any(k.startswith("diffusion_model.") for k in state_dict):
+        state_dict = {k.removeprefix("diffusion_model."): v for k, v in state_dict.items()}
+    # diffusers renames a bare "out"'s alpha to to_out.0's before anything else; where both exist, the later
+    # key in the file's order wins, as in its dict comprehension.
+    state_dict = {(k if ".to_out" in k else re.sub(r"\.out(?=\.(?:lora_down|lora_up)\.weight$|\.alpha$)",
+                                                   ".to_out.0", k)): v for k, v in state_dict.items()}
+    out = {k: v for k, v in state_dict.items() if not k.endswith((_DOT_DOWN, _DOT_UP))}
+    for key, down in state_dict.items():
+        if not key.endswith(_DOT_DOWN):
+            continue
+        base = key[: -len(_DOT_DOWN)]
+        up = state_dict.get(base + _DOT_UP)
+        if base.endswith(".qkv"):
+            block = base[: -len(".qkv")]
+            alpha = out.pop(base + ".alpha", None)
+            split = any(f"{block}.{form}{_DOT_DOWN}" in state_dict for p in "qkv" for form in (f"to.{p}", f"to_{p}"))
+            if split or up is None:
+                continue
+            for projection, rows in zip("qkv", up.chunk(3, dim=0)):
+                out[f"{block}.to_{projection}.lora_down.weight"] = down
+                out[f"{block}.to_{projection}.lora_up.weight"] = rows
+                if alpha is not None:
+                    out[f"{block}.to_{projection}.alpha"] = alpha
+            continue
+        if re.search(r"\.out$", base) and ".to_out" not in base:
+            if up is None or f"{base[: -len('.out')]}.to_out.0{_DOT_DOWN}" in state_dict:
+                continue
+            base = base[: -len(".out")] + ".to_out.0"  # its alpha already renamed so
+        if up is None:
+            raise FewStepInputError(f"{key} has no {base}{_DOT_UP} beside it: the file is incomplete; download it again")
+        base = re.sub(r"\.to\.([qkv])$", r".to_\1", base)
+        out[base + ".lora_down.weight"], out[base + ".lora_up.weight"] = down, up
+    return out
+
+
 def _split(key: str) -> tuple[str, str] | None:
     for suffix, role in _SUFFIXES:
         if key.endswith(suffix):
@@ -111,6 +163,8 @@ def _split(key: str) -> tuple[str, str] | None:
 
 def detect_layout(keys) -> str | None:
     keys = list(keys)
+    if any(_Z_IMAGE_DOTTED.search(k) for k in keys):
+        return "z_image_dotted"
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")) for k in keys):
         return "kohya"
     if any(k.startswith(("diffusion_model.", "text_encoders.")) for k in keys):
@@ -262,6 +316,8 @@ def canonicalize(state_dict: dict, metadata: dict | None = None) -> CanonicalLor
             "no LoRA weights found (no lora_down/lora_up, lora_A/lora_B or kohya keys): this file is "
             "not a LoRA. Load full models with a checkpoint or UNet loader instead."
         )
+    if layout == "z_image_dotted":
+        state_dict = _z_image_dotted_to_kohya_suffixes(state_dict)
     tensors, unrecognized, scales = {}, [], {}
     configs = adapter_configs(metadata)
     for key, tensor in state_dict.items():
