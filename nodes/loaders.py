@@ -6,7 +6,10 @@ ComfyUI's own (comfy.lora key maps, ModelPatcher.add_patches, ModelSamplingDiscr
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import re
+from pathlib import Path
 
 import comfy.lora
 import comfy.model_sampling
@@ -203,7 +206,7 @@ class FewStepUNetLoader(io.ComfyNode):
     def execute(cls, unet_name, family=DETECT) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         try:
-            state_dict, metadata = read_safetensors(path)
+            state_dict, metadata = read_diffusion_model(Path(path))
         except FewStepInputError as error:
             raise _in_file("unet_name", unet_name, error) from None
         state_dict = z_image_diffusers_to_comfy(state_dict)
@@ -230,6 +233,50 @@ class FewStepUNetLoader(io.ComfyNode):
 
             (model,) = advanced.ModelSamplingDiscrete().patch(model, "x0", False)
         return io.NodeOutput(model, settings, ui=settings_ui(settings, [settings.summary()]))
+
+
+# diffusers' (and transformers') name for one file of a sharded save_pretrained:
+# "diffusion_pytorch_model-00002-of-00003.safetensors", listed in "diffusion_pytorch_model.safetensors.index.json".
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.safetensors$")
+
+
+def shard_paths(path: Path) -> list[Path] | None:
+    """Every file of the sharded set `path` belongs to (None if it is no shard): those the index json beside
+    it maps weights to, when it lists this file, else the siblings numbered 1…count with its stem."""
+    match = _SHARD_NAME.match(path.name)
+    if match is None:
+        return None
+    stem, count = match["stem"], int(match["count"])
+    index = path.parent / f"{stem}.safetensors.index.json"
+    names = [f"{stem}-{number:05d}-of-{count:05d}.safetensors" for number in range(1, count + 1)]
+    if index.is_file():
+        try:
+            listed = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise FewStepInputError(f"{index.name} beside it has no readable weight_map; download it again") from None
+        if path.name in listed:
+            names = listed
+    missing = [name for name in names if not (path.parent / name).is_file()]
+    if missing:
+        raise FewStepInputError(
+            f"it is one shard of a transformer saved in {len(names)} files, and {len(missing)} of them "
+            f"({', '.join(missing)}) are not in {path.parent}; copy every shard of the set (with {index.name}) into "
+            "that folder, as the model's repository has them, and pick any one of them")
+    return [path.parent / name for name in names]
+
+
+def read_diffusion_model(path: Path) -> tuple[dict, dict]:
+    """(state dict, metadata) of a diffusion model file; for one shard of a sharded diffusers save, of the
+    whole set merged (as diffusers' from_pretrained reads it), with the first shard's metadata."""
+    shards = shard_paths(path)
+    if shards is None:
+        return read_safetensors(path)
+    state_dict, metadata = {}, None
+    for shard in shards:
+        tensors, shard_metadata = read_safetensors(shard)
+        state_dict.update(tensors)
+        metadata = shard_metadata if metadata is None else metadata
+    return state_dict, metadata
 
 
 def z_image_diffusers_to_comfy(state_dict: dict) -> dict:

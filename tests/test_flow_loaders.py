@@ -8,13 +8,12 @@ read from the name. A family for another base is refused, naming the one that fi
 """
 from __future__ import annotations
 
-import gc
-import hashlib
 import os
 
 import pytest
 from safetensors.torch import save_file
 
+from model_fingerprint import fingerprint, release
 from tiny_flow_models import build_flow_model
 
 # (tiny base, ComfyUI-layout name, diffusers-layout name as downloaded, family the names give)
@@ -28,28 +27,12 @@ MODELS = [
 ]
 
 
-def fingerprint(model) -> dict[str, str]:
-    """sha1 of every weight's bytes: models compared exactly without holding two copies in memory."""
-    return {key: hashlib.sha1(tensor.detach().contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy()
-                              .tobytes()).hexdigest()
-            for key, tensor in model.model.diffusion_model.state_dict().items()}
-
-
 def place(comfy, source, name: str) -> str:
     target = comfy.models_dir / "diffusion_models" / name
     target.parent.mkdir(parents=True, exist_ok=True)
     target.unlink(missing_ok=True)
     target.symlink_to(os.path.realpath(source))
     return name
-
-
-def release(*models):
-    from comfy import model_management
-
-    for model in models:
-        del model
-    model_management.unload_all_models()
-    gc.collect()
 
 
 @pytest.mark.parametrize("base,comfy_name,diffusers_name,family", MODELS, ids=[m[0] for m in MODELS])
