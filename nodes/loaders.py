@@ -240,42 +240,51 @@ class FewStepUNetLoader(io.ComfyNode):
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.safetensors$")
 
 
-def shard_paths(path: Path) -> list[Path] | None:
-    """Every file of the sharded set `path` belongs to (None if it is no shard): those the index json beside
-    it maps weights to, when it lists this file, else the siblings numbered 1…count with its stem."""
+def shard_set(path: Path) -> tuple[list[Path], dict] | None:
+    """(every file of the sharded set `path` belongs to, the index json's weight_map or {}); None if it is no
+    shard. The files are those the index beside it maps weights to, when it lists this file, else the
+    siblings numbered 1…count with its stem."""
     match = _SHARD_NAME.match(path.name)
     if match is None:
         return None
     stem, count = match["stem"], int(match["count"])
     index = path.parent / f"{stem}.safetensors.index.json"
     names = [f"{stem}-{number:05d}-of-{count:05d}.safetensors" for number in range(1, count + 1)]
+    weight_map = {}
     if index.is_file():
         try:
-            listed = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            weight_map = dict(json.loads(index.read_text())["weight_map"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
             raise FewStepInputError(f"{index.name} beside it has no readable weight_map; download it again") from None
-        if path.name in listed:
-            names = listed
+        if path.name in set(weight_map.values()):
+            names = sorted(set(weight_map.values()))
+        else:  # an index of another set in the same folder
+            weight_map = {}
     missing = [name for name in names if not (path.parent / name).is_file()]
     if missing:
         raise FewStepInputError(
             f"it is one shard of a transformer saved in {len(names)} files, and {len(missing)} of them "
             f"({', '.join(missing)}) are not in {path.parent}; copy every shard of the set (with {index.name}) into "
             "that folder, as the model's repository has them, and pick any one of them")
-    return [path.parent / name for name in names]
+    return [path.parent / name for name in names], weight_map
 
 
 def read_diffusion_model(path: Path) -> tuple[dict, dict]:
     """(state dict, metadata) of a diffusion model file; for one shard of a sharded diffusers save, of the
     whole set merged (as diffusers' from_pretrained reads it), with the first shard's metadata."""
-    shards = shard_paths(path)
+    shards = shard_set(path)
     if shards is None:
         return read_safetensors(path)
     state_dict, metadata = {}, None
-    for shard in shards:
+    for shard in shards[0]:
         tensors, shard_metadata = read_safetensors(shard)
         state_dict.update(tensors)
         metadata = shard_metadata if metadata is None else metadata
+    absent = sorted(key for key in shards[1] if key not in state_dict)
+    if absent:
+        raise FewStepInputError(
+            f"{len(absent)} weights its index json lists are in none of the shards (e.g. {', '.join(absent[:3])}): "
+            "the shards and the index come from different downloads; download the whole set again")
     return state_dict, metadata
 
 

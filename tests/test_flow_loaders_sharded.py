@@ -3,9 +3,11 @@ repositories ship theirs: the tiny transformer re-saved by diffusers' own save_p
 into a copy of the repository's transformer/ folder. Picking any shard loads the whole set — by the index
 json's weight_map when it lies beside the shards, else by the shards' numbered names — to the same model,
 bit for bit, as the single-file save of the same weights, with the family read from the name. A missing
-shard is refused, naming it.
+shard is refused, naming it, and so is an index listing weights no shard holds (shards of another download).
 """
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -15,8 +17,8 @@ from tiny_flow_models import build_flow_model
 
 # (tiny base, the repository's folder, family its name gives, whether the index json is copied along)
 SHARDED = [
-    ("flux_schnell", "FLUX.1-schnell", "flux_schnell", False),
-    ("z_image", "Z-Image-Turbo", "z_image_turbo", True),
+    ("flux_schnell", "FLUX.1-schnell", "flux_schnell", True),
+    ("z_image", "Z-Image-Turbo", "z_image_turbo", False),
 ]
 
 
@@ -51,6 +53,17 @@ def test_any_shard_loads_the_whole_transformer(comfy, base, repository, family, 
     assert fingerprint(model) == expected, f"{shards[1]} loads to another model than the single-file save"
     assert settings.family == family
     release(model)
+
+    if with_index:
+        index = comfy.models_dir / "diffusion_models" / repository / "transformer" / INDEX_NAME
+        listed = json.loads(index.read_text())
+        listed["weight_map"]["transformer_blocks.7.attn.to_q.weight"] = shards[0].rsplit("/", 1)[1]
+        index.unlink()
+        index.write_text(json.dumps(listed))
+        with pytest.raises(ValueError) as failure:
+            loader.execute(unet_name=shards[0], family="detect")
+        assert ("1 weights its index json lists are in none of the shards (e.g. transformer_blocks.7.attn.to_q.weight)"
+                in str(failure.value))
 
     missing = comfy.models_dir / "diffusion_models" / shards[0]
     missing.unlink()
