@@ -67,6 +67,8 @@ VARIANTS = {
     "bare_out_alone": anime_z(to_out=False, out_alpha=6.0),
     # Both alphas: diffusers renames out's onto to_out.0's, and the one later in the file wins.
     "out_alpha_first": anime_z(out_alpha=8.0),
+    # The bare out's weights after to_out.0's in the file: still dropped, not read over to_out.0's.
+    "out_after_to_out_0": dict(sorted(anime_z().items(), key=lambda item: ".attention.out." in item[0])),
     "out_alpha_last": {**{k: v for k, v in anime_z().items() if k != "layers.0.attention.to_out.0.alpha"},
                        "layers.0.attention.to_out.0.alpha": torch.tensor(4.0),
                        "layers.0.attention.out.alpha": torch.tensor(8.0)},
