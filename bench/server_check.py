@@ -49,9 +49,11 @@ SEED_INPUTS = ("noise_seed", "seed")
 FATAL_MARKS = ("terminate called", "Aborted", "Segmentation fault", "core dumped", "CUDA error")
 # What Few-Step Accelerate logs about its background compiles: one line when a shape's compile is handed
 # to the worker, one when its compiled code is captured, or one saying why it is not used.
-COMPILE_STARTED = re.compile(r"FewStepAccelerate: .* compiles it in the background")
+COMPILE_STARTED = re.compile(r"FewStepAccelerate: .* (compiles it in the background|switch to the code compiled in the "
+                             r"background for batch size)")
 COMPILED_CAPTURE = re.compile(r"FewStepAccelerate: captured (UNet|transformer|VAE decode) CUDA graph for .* \(compiled")
-COMPILE_GIVEN_UP = re.compile(r"FewStepAccelerate: .*(torch\.compile failed|compiled kernels could not be captured)")
+COMPILE_GIVEN_UP = re.compile(r"FewStepAccelerate: .*(torch\.compile failed|compiled kernels could not be captured|"
+                              r"does not take .*; compiling this shape on its own)")
 
 
 def accelerated_workflows() -> list[Path]:

@@ -248,3 +248,53 @@ def test_compile_worker_starts_a_job_only_after_the_prompt_threads_runs_have_end
         ended = time.monotonic()
     assert worker.wait_until_idle(timeout=60)
     assert started[0] >= ended + QUIET_SECONDS * 0.99
+
+
+def test_a_new_batch_size_replays_the_code_compiled_for_another_without_compiling_again(
+        comfy, sd15, capture_fails_for_compiled_kernels, caplog):
+    """The first compile for a batch above 1 marks the batch dimension dynamic (real Dynamo and
+    AOTAutograd here): a later batch size runs on a graph of the eager kernels once, then captures
+    that compiled code, submitting no compile of its own, and agrees with eager."""
+    stand_in = capture_fails_for_compiled_kernels
+    attempts, graphs_module = stand_in.attempts, stand_in.graphs_module
+    stand_in.compiled_capture_fails = False
+    worker = sys.modules[graphs_module.CompileJob.__module__].WORKER
+    submitted, submit = [], worker.submit
+
+    def submit_counted(job):
+        submitted.append((job.batch, job.dynamic_batch))
+        return submit(job)
+
+    def prompt(batch, seed, accelerate=True):
+        built = reseeded(accelerated_prompt(sd15, "lcm", 2, accelerate=accelerate), seed)
+        built["latent_in"]["inputs"]["batch_size"] = batch
+        return built
+
+    worker.submit = submit_counted
+    try:
+        with caplog.at_level(logging.INFO, logger="fewstep.acceleration"):
+            comfy.run(prompt(2, SEED))
+            assert worker.wait_until_idle(timeout=300)
+            comfy.run(prompt(2, SEED + 1))
+            assert submitted == [(2, True), (2, True)]  # the UNet's and the VAE decoder's
+            first_of_three = comfy.run(prompt(3, SEED + 2))
+            second_of_three = comfy.run(prompt(3, SEED + 3))
+    finally:
+        worker.submit = submit
+    assert submitted == [(2, True), (2, True)]
+    # Batch 3: the UNet's first step captures its eager kernels, its second the shared compiled code
+    # (ready already); the decode does the same over the two prompts.
+    assert attempts == ["eager kernels", "eager kernels", "compiled", "compiled", "eager kernels", "compiled",
+                        "eager kernels", "compiled"]
+    for result, seed in ((first_of_three, SEED + 2), (second_of_three, SEED + 3)):
+        eager = comfy.run(prompt(3, seed, accelerate=False))
+        assert result.latent("save").shape[0] == 3
+        assert agreement(result.latent("save"), eager.latent("save"), tolerance=1e-5).within_tolerance
+    messages = [record.getMessage() for record in caplog.records if record.name == "fewstep.acceleration"]
+    for part in ("UNet", "VAE decode"):
+        assert any(message.startswith(f"FewStepAccelerate: captured {part} CUDA graph for (3, 4, 8, 8) float32")
+                   and "the code compiled for batch size 2, compiled in the background" in message
+                   for message in messages)
+        assert any(message.startswith(f"FewStepAccelerate: {part} for (3, 4, 8, 8) float32")
+                   and "switch to the code compiled in the background for batch size 2" in message
+                   for message in messages)

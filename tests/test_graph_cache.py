@@ -20,6 +20,7 @@ class FinishedJob:
 
     def __init__(self, error=None):
         self.error, self.seconds, self.backend_seconds, self.compiled_runs = error, 1.0, 0.5, 0
+        self.batch = None
 
     def done(self):
         return True
@@ -69,7 +70,7 @@ def test_graph_cache_captures_eager_kernels_at_once_and_the_compiled_code_when_r
 
     monkeypatch.setattr(graphs, "CapturedGraph", CapturedGraphFailingAsTold)
     monkeypatch.setattr(graphs, "WORKER", Worker())
-    monkeypatch.setattr(graphs, "CompileJob", lambda function, inputs, backend: (function, backend))
+    monkeypatch.setattr(graphs, "CompileJob", lambda function, inputs, backend, dynamic_batch: (function, backend))
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     cache = GraphCache("UNet", compile_backend=COMPILE_BACKEND, passthrough=(Interrupted,))
@@ -110,6 +111,75 @@ def test_graph_cache_without_compiling_autotunes_its_one_capture_and_submits_not
     cache = GraphCache("UNet", autotune=True, compile_backend=None)
     assert [cache.run(("shape",), "eager function", [], torch.nn.Module()) for _ in range(2)] == ["plain", "plain"]
     assert captured == [("eager function", False, True)] and not cache.compiling
+
+
+def test_a_new_batch_size_reuses_the_code_compiled_with_a_dynamic_batch(monkeypatch):
+    """Batch 1 compiles on its own (static: Dynamo specialises size 1); the first batch above 1 is
+    compiled with a dynamic batch dimension, and later batch sizes of the same call capture that code
+    instead of compiling again, unless its guards refuse them: then they compile on their own."""
+    submitted, captured = [], []
+    refusing = {5}  # the batch sizes the shared code's guards refuse
+
+    class Job:
+        def __init__(self, function, inputs, backend, dynamic_batch=False):
+            self.batch = inputs[0].shape[0]
+            self.dynamic_batch = dynamic_batch
+            self.error, self.seconds, self.backend_seconds, self.compiled_runs, self.cancelled = None, 9.0, 1.0, 0, False
+            submitted.append((self.batch, dynamic_batch))
+
+        def done(self):
+            return True
+
+        def runnable(self):
+            return ("compiled for", self.batch)
+
+    class Graph:
+        def __init__(self, function, inputs, module, pool, autotune, compiled=False, warmup_runs=3,
+                     before_capture=None):
+            if before_capture is not None and inputs[0].shape[0] in refusing and function != ("compiled for", inputs[0].shape[0]):
+                raise graphs.CompiledCodeNotUsed("guards")
+            captured.append((inputs[0].shape[0], function))
+            self.function, self.compiled, self.autotuned, self.capture_seconds = function, compiled, autotune, 0.0
+            self.snapshot = WeightSnapshot(module)
+
+        def __call__(self, inputs):
+            return self.function
+
+    class Worker:
+        def submit(self, job):
+            return job
+
+        @contextlib.contextmanager
+        def paused(self):
+            yield True
+
+    monkeypatch.setattr(graphs, "CapturedGraph", Graph)
+    monkeypatch.setattr(graphs, "WORKER", Worker())
+    monkeypatch.setattr(graphs, "CompileJob", Job)
+    monkeypatch.setattr(graphs, "keep_failed_capture", lambda error: None)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    cache = GraphCache("UNet", max_shapes=8, compile_backend=COMPILE_BACKEND)
+    module = torch.nn.Module()
+
+    def two_calls(batch):
+        inputs = [torch.zeros(batch, 4, 8, 8), torch.zeros(batch, 77, 16)]
+        signature = (tuple(graphs.tensor_signature(x) for x in inputs),)
+        return [cache.run(signature, "eager", inputs, module) for _ in range(2)]
+
+    assert two_calls(1) == ["eager", ("compiled for", 1)]
+    assert two_calls(2) == ["eager", ("compiled for", 2)]
+    assert two_calls(3) == ["eager", ("compiled for", 2)]  # no compile of its own
+    assert two_calls(4) == ["eager", ("compiled for", 2)]
+    assert submitted == [(1, False), (2, True)]
+    # Refused by the shared code's guards: batch 5 keeps its eager graph and compiles on its own.
+    assert two_calls(5) == ["eager", "eager"]
+    assert submitted[-1] == (5, False) and 5 in {sig[0][0][0][0] for sig in cache.reuse_refused}
+    assert cache.run(next(iter(sig for sig in cache.graphs if sig[0][0][0][0] == 5)), "eager",
+                     [torch.zeros(5, 4, 8, 8), torch.zeros(5, 77, 16)], module) == ("compiled for", 5)
+    assert not cache.compile_failures
+    assert any("the code compiled for batch size 2 does not take (5, 4, 8, 8) float32" in said for said in cache._said)
+    assert graphs.batch_free(((1, 4, 8, 8), torch.float16, "cuda", (256, 64, 8, 1))) == \
+        ((4, 8, 8), torch.float16, "cuda", (64, 8, 1))
 
 
 def test_graph_cache_passes_a_cancel_through_instead_of_falling_back(monkeypatch):

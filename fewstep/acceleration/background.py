@@ -78,15 +78,26 @@ class CompiledCodeNotUsed(RuntimeError):
 class CompileJob:
     """One function compiled by `backend` for one set of input shapes, on the worker thread."""
 
-    def __init__(self, function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | None], backend):
+    def __init__(self, function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | None], backend,
+                 dynamic_batch: bool = False):
         self.inputs = [None if x is None else x.clone() for x in inputs]
+        # With `dynamic_batch`, the compiled code takes any batch size above 1 (Dynamo specialises sizes 0
+        # and 1), so a new batch size reuses it instead of compiling for minutes again. Marked "maybe":
+        # where the model's code fixes the batch size, Dynamo specialises it instead of failing.
+        self.batch = self.inputs[0].shape[0] if self.inputs and self.inputs[0] is not None and self.inputs[0].ndim else None
+        self.dynamic_batch = bool(dynamic_batch and self.batch is not None and self.batch > 1)
+        if self.dynamic_batch:
+            for x in self.inputs:
+                if x is not None and x.ndim and x.shape[0] == self.batch:
+                    torch._dynamo.maybe_mark_dynamic(x, 0)
         self.grad_enabled = torch.is_grad_enabled()
         self.inference_mode = torch.is_inference_mode_enabled()
         self.compiled_runs = 0  # calls of the compiled graphs, whichever thread makes them
         # Of `seconds`, the time spent in the backend (AOTAutograd and Inductor, or their caches'
         # loading); the rest is Dynamo tracing the Python and the runs: what a warm cache cannot save.
         self.backend_seconds = 0.0
-        self.compiled = torch.compile(function, backend=self._counting(backend), dynamic=False, fullgraph=False)
+        self.compiled = torch.compile(function, backend=self._counting(backend),
+                                      dynamic=None if self.dynamic_batch else False, fullgraph=False)
         self.error: BaseException | None = None
         self.seconds: float | None = None
         self.cancelled = False

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 
 from .background import ACTIVITY, WORKER, CompiledCodeNotUsed, CompileJob
+from .signatures import batch_free, batch_size, describe, tensor_signature  # noqa: F401 — re-exported
 from .compiler import NATIVE_ALLOCATOR_FLAG, STREAM_ORDERED_ALLOCATOR, allocator_backend, kernel_launches_by_address
 
 log = logging.getLogger("fewstep.acceleration")
@@ -23,15 +24,6 @@ WARMUP_RUNS = 3
 # capturing thread it needs one run for the lazy initialisation and one checked for host syncs.
 COMPILED_WARMUP_RUNS = 2
 DEFAULT_MAX_SHAPES = 4
-
-
-def tensor_signature(value) -> tuple | None:
-    """What a captured graph is specific to: shape, dtype, device, memory layout (None stays None)."""
-    if value is None:
-        return None
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"not a tensor: {type(value).__name__}")
-    return (tuple(value.shape), value.dtype, value.device, value.stride())
 
 
 def cuda_graph_unavailable_reason(device: torch.device | str) -> str | None:
@@ -161,6 +153,10 @@ class GraphCache:
     failures: dict = field(default_factory=dict)  # signature → why capture failed (not retried)
     compiling: dict = field(default_factory=dict)  # signature → CompileJob not yet captured
     compile_failures: dict = field(default_factory=dict)  # signature → why compiled code is not used
+    # batch_free(signature) → the CompileJob whose compiled code takes any batch size above 1 there;
+    # a new batch size of that call is handed it instead of a compile of its own.
+    batch_compiles: dict = field(default_factory=dict)
+    reuse_refused: set = field(default_factory=set)  # signatures the shared compiled code's guards refused
     captures: list = field(default_factory=list)  # CaptureRecord per capture, in order
     eager_calls: int = 0
     pool: object = None  # torch.cuda.graph_pool_handle() shared by this cache's graphs
@@ -190,6 +186,8 @@ class GraphCache:
                 if paused:  # else the worker is compiling another shape: capture at a later call
                     del self.compiling[signature]
                     graph = self._capture_compiled(signature, job, inputs, module) or graph
+                    if graph is not None and not graph.compiled and signature in self.reuse_refused:
+                        self._compile_in_background(signature, function, compiler_form, inputs)
         if graph is None:
             graph = self._capture(signature, function, inputs, module)
             if graph is None:
@@ -234,12 +232,25 @@ class GraphCache:
         if (self.compile_backend is None or signature in self.compiling
                 or signature in self.compile_failures or self.graphs[signature].compiled):
             return
-        self.compiling[signature] = WORKER.submit(CompileJob(compiler_form() if compiler_form else function, inputs,
-                                                             self.compile_backend))
+        shared = self.batch_compiles.get(batch_free(signature))
+        if (shared is not None and signature not in self.reuse_refused and not shared.cancelled
+                and not (shared.done() and shared.error is not None)):
+            self.compiling[signature] = shared
+            log.info("FewStepAccelerate: %s for %s runs on a CUDA graph of the eager kernels now; later runs "
+                     "switch to the code compiled in the background for batch size %d, which takes other batch "
+                     "sizes too", self.part, describe(signature), shared.batch)
+            return
+        dynamic = batch_size(inputs) not in (None, 0, 1) and signature not in self.reuse_refused
+        job = WORKER.submit(CompileJob(compiler_form() if compiler_form else function, inputs,
+                                       self.compile_backend, dynamic_batch=dynamic))
+        self.compiling[signature] = job
+        if dynamic:
+            self.batch_compiles[batch_free(signature)] = job
         # Said once per shape: the log then shows when the compiled graph took over.
         log.info("FewStepAccelerate: %s for %s runs on a CUDA graph of the eager kernels now; torch.compile "
-                 "compiles it in the background (minutes for SDXL the first time, less with Inductor's cache "
-                 "warm) and later runs switch to the compiled graph", self.part, describe(signature))
+                 "compiles it in the background%s (minutes for SDXL the first time, less with Inductor's cache "
+                 "warm) and later runs switch to the compiled graph", self.part, describe(signature),
+                 " for every batch size above 1" if dynamic else "")
 
     def _capture_compiled(self, signature, job: CompileJob, inputs, module) -> CapturedGraph | None:
         """The compiled code of a finished job captured for `inputs` in place of the first graph; None
@@ -260,6 +271,12 @@ class GraphCache:
             raise
         except Exception as error:
             keep_failed_capture(error)
+            if isinstance(error, CompiledCodeNotUsed) and job.batch != batch_size(inputs):
+                # Code compiled for another batch size whose guards refuse this one: it gets its own compile.
+                self.reuse_refused.add(signature)
+                self.say(f"{self.part}: the code compiled for batch size {job.batch} does not take "
+                         f"{describe(signature)}; compiling this shape on its own")
+                return None
             self.compile_failures[signature] = first_line(error)
             how = "for this shape"
             if allocator_backend() == STREAM_ORDERED_ALLOCATOR and not isinstance(error, CompiledCodeNotUsed):
@@ -271,13 +288,14 @@ class GraphCache:
             torch.cuda.synchronize()
             return None
         self.graphs.pop(signature, None)  # the eager-kernel graph's memory goes back to the pool
-        return self._keep(signature, graph, job.seconds, job.backend_seconds)
+        reused_from = job.batch if job.batch != batch_size(inputs) else None
+        return self._keep(signature, graph, job.seconds, job.backend_seconds, reused_from)
 
     def _capture(self, signature, function, inputs, module) -> CapturedGraph | None:
         while len(self.graphs) >= self.max_shapes:
             dropped, _ = self.graphs.popitem(last=False)
             job = self.compiling.pop(dropped, None)
-            if job is not None:
+            if job is not None and all(other is not job for other in self.compiling.values()):
                 job.cancelled = True  # not started yet: skipped; running: its result unused
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
@@ -300,7 +318,7 @@ class GraphCache:
         torch.cuda.synchronize()
 
     def _keep(self, signature, graph: CapturedGraph, compile_seconds: float | None = None,
-              backend_seconds: float | None = None) -> CapturedGraph:
+              backend_seconds: float | None = None, reused_from: int | None = None) -> CapturedGraph:
         self.graphs[signature] = graph
         record = CaptureRecord(self.part, signature, graph.capture_seconds, graph.compiled, compile_seconds,
                                backend_seconds)
@@ -309,8 +327,9 @@ class GraphCache:
         log.info("FewStepAccelerate: captured %s CUDA graph for %s in %.2f s%s; replayed for every later "
                  "call of this shape%s", self.part, describe(signature), graph.capture_seconds,
                  f" ({', '.join(how)})" if how else "",
-                 f" (compiled in the background in {compile_seconds:.1f} s, of which AOTAutograd and Inductor "
-                 f"{backend_seconds:.1f} s)" if compile_seconds is not None else "",
+                 f" ({f'the code compiled for batch size {reused_from}, ' if reused_from else ''}compiled in the "
+                 f"background in {compile_seconds:.1f} s, of which AOTAutograd and Inductor {backend_seconds:.1f} s)"
+                 if compile_seconds is not None else "",
                  extra={"fewstep_capture": record})
         if self.on_change is not None:
             self.on_change()
@@ -360,18 +379,3 @@ def keep_failed_capture(error: BaseException) -> None:
 
 def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".splitlines()[0][:300]
-
-
-def describe(signature: tuple) -> str:
-    """The shapes and dtypes of a signature, for messages: '(1, 4, 128, 128) float16, …'."""
-    parts = []
-
-    def walk(item):
-        if isinstance(item, tuple) and len(item) == 4 and isinstance(item[1], torch.dtype):
-            parts.append(f"{item[0]} {str(item[1]).replace('torch.', '')}")
-        elif isinstance(item, tuple):
-            for inner in item:
-                walk(inner)
-
-    walk(signature)
-    return ", ".join(parts) or str(signature)

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .graphs import tensor_signature
+from .signatures import tensor_signature
 
 CONSTANT_TYPES = (type(None), bool, int, float, str)
 
