@@ -192,7 +192,8 @@ class FewStepUNetLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
                                tooltip=("A .safetensors UNet or transformer in ComfyUI's diffusion_models "
-                                        "(unet) folder; pickles are refused.")),
+                                        "(unet) folder; pickles are refused. For a diffusers transformer saved in "
+                                        "shards (…-00001-of-00003.safetensors), pick any shard: the whole set loads.")),
                 io.Combo.Input("family", options=[DETECT, *FAMILY_NAMES], default=DETECT, tooltip=FAMILY_OVERRIDE_TOOLTIP),
             ],
             outputs=[
