@@ -13,6 +13,11 @@ cut short by --budget-s (or killed) keeps what it ran.
     python3 bench/workflow_gpu_check.py --out $OUT                 # GPU: all flow workflows
     python3 bench/workflow_gpu_check.py --workflows flux1_schnell_4step,z_image_turbo_9step --budget-s 500
     python3 bench/workflow_gpu_check.py --tiny --workflows sdxl_turbo_1step_txt2img   # CPU: tiny stand-ins
+    python3 bench/workflow_gpu_check.py --workflows z_image_turbo_9step --accelerate   # with Few-Step Accelerate
+
+--accelerate puts Few-Step Accelerate on each workflow's model and VAE (as a user adds it): after the
+first prompt, a prompt a second until its background compiles are captured (bench/server_check), then
+--runs prompts on the compiled graphs.
 
 --tiny runs the same path on the CPU with the tests' tiny SD/SDXL stand-ins (testing/workflow_models.py)
 at 128², for SD/SDXL workflows only (real-size text encoders for the flow ones do not fit a CPU run).
@@ -35,7 +40,7 @@ PACK_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PACK_ROOT / "testing"))
 import pack  # noqa: E402,F401 — registers the pack as the `comfyui_fewstep` package
 from comfy_harness import COMFYUI_MISSING, ComfyServer, PromptFailed, comfyui_on_path, find_comfyui  # noqa: E402
-from server_check import frontend_stand_in, reseeded  # noqa: E402
+from server_check import frontend_stand_in, reseeded, run_prompts  # noqa: E402
 
 from comfyui_fewstep.fewstep.families import FAMILIES  # noqa: E402
 from comfyui_fewstep.fewstep.workflow_api import ui_workflow_to_prompt  # noqa: E402
@@ -60,6 +65,23 @@ def ordered(prompts: dict) -> list[str]:
         return sorted(str(v) for node in prompts[name].values() for k, v in node["inputs"].items()
                       if k in ("unet_name", "ckpt_name"))
     return sorted(prompts, key=lambda name: (model_of(name), name))
+
+
+def with_accelerate(prompt: dict) -> dict:
+    """`prompt` with Few-Step Accelerate between its model and VAE and their users: the model that
+    reaches a node's `model` input and the VAE that reaches VAE Decode, each replaced everywhere."""
+    prompt = json.loads(json.dumps(prompt))
+    decode = next(node for node in prompt.values() if node["class_type"] == "VAEDecode")
+    sampler = next(node for node in prompt.values() if node["class_type"] in ("SamplerCustom", "KSampler",
+                                                                               "FewStepKSampler", "SamplerCustomAdvanced"))
+    model, vae = sampler["inputs"]["model"], decode["inputs"]["vae"]
+    for node in prompt.values():
+        for key, source in (("model", model), ("vae", vae)):
+            if node["inputs"].get(key) == source:
+                node["inputs"][key] = ["fewstep_accelerate", 0 if key == "model" else 1]
+    prompt["fewstep_accelerate"] = {"class_type": "FewStepAccelerate", "inputs": {
+        "model": model, "vae": vae, "autotune_convolutions": True, "max_shapes": 4, "compile_kernels": True}}
+    return prompt
 
 
 def run_workflow(server: ComfyServer, name: str, prompt: dict, runs: int, seed: int) -> dict:
@@ -90,6 +112,9 @@ def report(results: dict) -> str:
     for name, result in results["workflows"].items():
         first = f"{result['first_ms'] / 1e3:.2f}" if result.get("first_ms") else "–"
         second = f"{result['second_ms'] / 1e3:.2f}" if result.get("second_ms") else "–"
+        if result.get("median_counted_ms"):  # --accelerate: after the compiles, the median of --runs
+            second = (f"{result['median_counted_ms'] / 1e3:.2f} (median of {result['counted_prompts']}, "
+                      f"compiled after {result['compiled_after_s']} s)")
         files = "; ".join(f"{f['file']} ({f['GiB']}, {f['write_s']})" for f in result.get("files", []))
         error = (result.get("errors") or [""])[0][:300].replace("|", "/").replace("\n", " ")
         lines.append(f"| {name} | {result.get('completed', 0)}/{result.get('prompts', 0)} | {first} | {second} | "
@@ -113,6 +138,9 @@ def main(argv=None) -> int:
     parser.add_argument("--base-dir", type=Path, default=None, help="the server's base directory (models, output); "
                         "default: a new temporary folder, removed at the end (never under --out: a device call "
                         "brings back what is under $OUT)")
+    parser.add_argument("--accelerate", action="store_true", help="put Few-Step Accelerate on each workflow")
+    parser.add_argument("--compile-limit-s", type=float, default=300,
+                        help="with --accelerate: longest wait for the background compiles")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no workflow after this many seconds (a device call's limit); results are kept")
     args = parser.parse_args(argv)
@@ -174,7 +202,7 @@ def main(argv=None) -> int:
                 results["workflows"][path.stem] = {"errors": [f"conversion: {type(error).__name__}: {error}"]}
                 continue
             if args.workflows or is_flow_prompt(prompt):
-                prompts[path.stem] = prompt
+                prompts[path.stem] = with_accelerate(prompt) if args.accelerate else prompt
         if args.workflows:
             missing = set(args.workflows.split(",")) - {p.stem for p in paths}
             for name in sorted(missing):
@@ -205,7 +233,12 @@ def main(argv=None) -> int:
                     entry["GiB on hand"] = round(sum(record["GiB"] for record in built.values()), 1)
                     if args.plan:
                         continue
-                entry.update(run_workflow(server, name, prompt, args.runs, 1000 * (position + 1)))
+                if args.accelerate:
+                    entry.update(run_prompts(server, name, prompt, args.runs, 1000 * (position + 1), args.compile_limit_s))
+                    entry["fewstep_messages"] = [line.split("FewStepAccelerate:", 1)[1].strip()[:400]
+                                                 for line in server.log_text().splitlines() if "FewStepAccelerate:" in line]
+                else:
+                    entry.update(run_workflow(server, name, prompt, args.runs, 1000 * (position + 1)))
             except Exception as error:
                 entry.setdefault("errors", []).append(f"{type(error).__name__}: {error}"[:800])
                 log(f"  {name}: {traceback.format_exc()}")
