@@ -229,6 +229,25 @@ def test_compile_worker_is_paused_only_between_jobs():
     assert worker.wait_until_idle(timeout=60) and order == ["first", "second"]
 
 
+def test_compile_worker_shortens_the_gil_switch_interval_only_while_a_job_runs():
+    """A prompt sent while the worker compiles gets the GIL back within COMPILE_SWITCH_INTERVAL_S at each
+    hand-over instead of Python's default 5 ms; before and after a job the interval is the process's own."""
+    import sys
+
+    from comfyui_fewstep.fewstep.acceleration.background import COMPILE_SWITCH_INTERVAL_S, CompileWorker
+
+    seen, worker, before = [], CompileWorker(), sys.getswitchinterval()
+
+    class Job:
+        def run(self):
+            seen.append(sys.getswitchinterval())
+
+    worker.submit(Job())
+    assert worker.wait_until_idle(timeout=60)
+    assert seen == [pytest.approx(min(before, COMPILE_SWITCH_INTERVAL_S))] and before > COMPILE_SWITCH_INTERVAL_S
+    assert sys.getswitchinterval() == before
+
+
 def test_compile_worker_starts_a_job_only_after_the_prompt_threads_runs_have_ended():
     """Dynamo's tracing holds the GIL: a job waits until no accelerated run (sampling, decode) has
     been going on for QUIET_SECONDS, so it does not slow the rest of the prompt that submitted it."""

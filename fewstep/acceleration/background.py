@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import queue
+import sys
 import threading
 import time
 from typing import Callable, Sequence
@@ -30,6 +31,13 @@ from .compiler import COMPILE_OPTIONS, compile_config
 # decode) this long: Dynamo's tracing is Python and holds the GIL, and started in the middle of a
 # prompt it made that prompt's next capture (the VAE decoder's, seconds later) several times slower.
 QUIET_SECONDS = 1.0
+# While a job runs, Python's GIL switch interval (default 5 ms) is shortened to this. The compiling
+# thread is busy Python for minutes; the prompt thread drops the GIL at every wait for the GPU and C
+# call that releases it, hundreds of times a prompt, and each time must wait up to one interval to get
+# it back from the compiler: with the default, a prompt sent during a compile took seconds instead of a
+# tenth of one. A shorter interval costs the compiling thread little: it is asked to switch only when
+# another thread waits.
+COMPILE_SWITCH_INTERVAL_S = 0.0002
 
 
 class PromptActivity:
@@ -158,6 +166,17 @@ class CompileJob:
                 "changed while it compiled)")
 
 
+@contextlib.contextmanager
+def shorter_switch_interval(seconds: float):
+    """Within: Python's GIL switch interval at most `seconds` (process-wide; restored after)."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(min(previous, seconds))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+
+
 def backend_function(backend):
     """A torch.compile backend name as the function Dynamo calls; Inductor with COMPILE_OPTIONS."""
     if backend == "inductor":
@@ -205,7 +224,7 @@ class CompileWorker:
             job = self._queue.get()
             try:
                 ACTIVITY.wait_until_quiet(QUIET_SECONDS)
-                with self._running:
+                with self._running, shorter_switch_interval(COMPILE_SWITCH_INTERVAL_S):
                     job.run()
             finally:
                 self._queue.task_done()
