@@ -38,10 +38,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "testing"))
 import pack  # noqa: E402,F401 — registers the pack as the `comfyui_fewstep` package
 from comfy_harness import ComfyServer, find_comfyui  # noqa: E402
-from server_check import (PLAIN_WORKFLOW, WORKFLOWS, compiles_pending, frontend_stand_in, install_models,  # noqa: E402
-                          reseeded)
+from server_check import PLAIN_WORKFLOW, WORKFLOWS, frontend_stand_in, install_models, reseeded  # noqa: E402
 from server_timing import TimedClient, process_gpu_memory_mib, summary  # noqa: E402
 
+from comfyui_fewstep.fewstep.acceleration.log_lines import compiles_pending  # noqa: E402
 from comfyui_fewstep.fewstep.workflow_api import ui_workflow_to_prompt  # noqa: E402
 
 ACCELERATED_WORKFLOW = WORKFLOWS / "sdxl_turbo_1step_accelerated.json"
@@ -100,11 +100,12 @@ def phase_first(server: ComfyServer, client: TimedClient, prompt: dict, limit_s:
     """Time to first image of a new size, then time until both parts replay compiled graphs (no
     compile of the node's left pending: every one captured or given up)."""
     prompt, output = with_output(prompt, "FewStepPreviewImage")
+    log_start = len(server.log_text())  # this phase's compiles only
     started = time.perf_counter()
     first = client.time_prompt(reseeded(prompt, 1), output)
     result = {"first_prompt": first, "accelerated_after_s": None, "prompts_until_accelerated": 1}
     seed = 2
-    while compiles_pending(server.log_text()) > 0 and time.perf_counter() - started < limit_s:
+    while compiles_pending(server.log_text()[log_start:]) > 0 and time.perf_counter() - started < limit_s:
         time.sleep(1.0)  # a prompt a second: enough resolution for a wait of minutes, few files
         before = compiled_parts(server.log_text())
         run = client.time_prompt(reseeded(prompt, seed), output)
@@ -115,7 +116,7 @@ def phase_first(server: ComfyServer, client: TimedClient, prompt: dict, limit_s:
             break
         result["accelerated_prompt"] = run
         result["compiled_before_this_prompt"] = sorted(before)
-    if compiles_pending(server.log_text()) == 0:
+    if compiles_pending(server.log_text()[log_start:]) == 0:
         result["accelerated_after_s"] = round(time.perf_counter() - started, 2)
     after = [client.time_prompt(reseeded(prompt, 900 + index), output) for index in range(10)]
     result["after_accelerated"] = summary(after)

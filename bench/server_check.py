@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ sys.path.insert(0, str(PACK_ROOT / "testing"))
 import pack  # noqa: E402,F401 — registers the pack as the `comfyui_fewstep` package
 from comfy_harness import COMFYUI_MISSING, ComfyServer, PromptFailed, comfyui_on_path, find_comfyui  # noqa: E402
 
+from comfyui_fewstep.fewstep.acceleration.log_lines import compiles_pending  # noqa: E402
 from comfyui_fewstep.fewstep.workflow_api import ui_workflow_to_prompt  # noqa: E402
 
 WORKFLOWS = PACK_ROOT / "example_workflows"
@@ -47,13 +47,6 @@ DEFAULT_FLAG_SETS = ("default", "disable-cuda-malloc")
 SEED_INPUTS = ("noise_seed", "seed")
 # Lines of a server log that mean trouble for the process, whatever the prompts said.
 FATAL_MARKS = ("terminate called", "Aborted", "Segmentation fault", "core dumped", "CUDA error")
-# What Few-Step Accelerate logs about its background compiles: one line when a shape's compile is handed
-# to the worker, one when its compiled code is captured, or one saying why it is not used.
-COMPILE_STARTED = re.compile(r"FewStepAccelerate: .* (compiles it in the background|switch to the code compiled in the "
-                             r"background for batch size)")
-COMPILED_CAPTURE = re.compile(r"FewStepAccelerate: captured (UNet|transformer|VAE decode) CUDA graph for .* \(compiled")
-COMPILE_GIVEN_UP = re.compile(r"FewStepAccelerate: .*(torch\.compile failed|compiled kernels could not be captured|"
-                              r"does not take .*; compiling this shape on its own)")
 
 
 def accelerated_workflows() -> list[Path]:
@@ -107,12 +100,6 @@ def reseeded(prompt: dict, seed: int) -> dict:
     return copy
 
 
-def compiles_pending(log: str) -> int:
-    """Background compiles handed to the worker whose compiled code is neither captured nor given up."""
-    return (len(COMPILE_STARTED.findall(log)) - len(COMPILED_CAPTURE.findall(log))
-            - len(COMPILE_GIVEN_UP.findall(log)))
-
-
 class PromptRuns:
     """Prompts of one workflow on one server, each timed and checked; stops at the first lost server."""
 
@@ -144,16 +131,21 @@ def run_prompts(server: ComfyServer, name: str, prompt: dict, runs: int, first_s
     """The first prompt; with `compile_limit_s`, a prompt a second while compiles are pending (at most
     that long); then `runs` prompts, timed apart."""
     prompts = PromptRuns(server, name, prompt, first_seed)
+    log_start = len(server.log_text())  # this workflow's compiles only
+
+    def pending() -> int:
+        return compiles_pending(server.log_text()[log_start:])
+
     started = time.perf_counter()
     alive = prompts.run("first")
     waiting, accelerated_after_s = 0, None
-    while alive and compile_limit_s is not None and compiles_pending(server.log_text()) > 0:
+    while alive and compile_limit_s is not None and pending() > 0:
         if time.perf_counter() - started > compile_limit_s:
             break
         time.sleep(1.0)
         waiting += 1
         alive = prompts.run(f"while compiling #{waiting}")
-    if compile_limit_s is not None and compiles_pending(server.log_text()) == 0:
+    if compile_limit_s is not None and pending() == 0:
         accelerated_after_s = round(time.perf_counter() - started, 2)
     counted_from = len(prompts.times)
     for index in range(runs if alive else 0):

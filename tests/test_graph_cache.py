@@ -113,18 +113,18 @@ def test_graph_cache_without_compiling_autotunes_its_one_capture_and_submits_not
     assert captured == [("eager function", False, True)] and not cache.compiling
 
 
-def test_a_new_batch_size_reuses_the_code_compiled_with_a_dynamic_batch(monkeypatch):
-    """Batch 1 compiles on its own (static: Dynamo specialises size 1); the first batch above 1 is
-    compiled with a dynamic batch dimension, and later batch sizes of the same call capture that code
-    instead of compiling again, unless its guards refuse them: then they compile on their own."""
-    submitted, captured = [], []
-    refusing = {5}  # the batch sizes the shared code's guards refuse
+def batch_cache(monkeypatch, refusing=(), failing=(), max_shapes=8):
+    """A GraphCache whose compile jobs finish at once and whose stand-in capture runs the compiled code's
+    guard check: the code compiled for batch b refuses the batch sizes in `refusing`; a dynamic-batch
+    compile for a batch in `failing` fails. Returns the cache, a function making two calls at a batch
+    size (returning their outputs) and the list of submitted (batch, dynamic) compiles."""
+    submitted = []
 
     class Job:
         def __init__(self, function, inputs, backend, dynamic_batch=False):
-            self.batch = inputs[0].shape[0]
-            self.dynamic_batch = dynamic_batch
-            self.error, self.seconds, self.backend_seconds, self.compiled_runs, self.cancelled = None, 9.0, 1.0, 0, False
+            self.batch, self.dynamic_batch = inputs[0].shape[0], dynamic_batch
+            self.error = RuntimeError("dynamic shapes") if dynamic_batch and self.batch in failing else None
+            self.seconds, self.backend_seconds, self.compiled_runs, self.cancelled = 9.0, 1.0, 0, False
             submitted.append((self.batch, dynamic_batch))
 
         def done(self):
@@ -136,9 +136,8 @@ def test_a_new_batch_size_reuses_the_code_compiled_with_a_dynamic_batch(monkeypa
     class Graph:
         def __init__(self, function, inputs, module, pool, autotune, compiled=False, warmup_runs=3,
                      before_capture=None):
-            if before_capture is not None and inputs[0].shape[0] in refusing and function != ("compiled for", inputs[0].shape[0]):
+            if before_capture is not None and inputs[0].shape[0] in refusing and function[1] != inputs[0].shape[0]:
                 raise graphs.CompiledCodeNotUsed("guards")
-            captured.append((inputs[0].shape[0], function))
             self.function, self.compiled, self.autotuned, self.capture_seconds = function, compiled, autotune, 0.0
             self.snapshot = WeightSnapshot(module)
 
@@ -158,28 +157,55 @@ def test_a_new_batch_size_reuses_the_code_compiled_with_a_dynamic_batch(monkeypa
     monkeypatch.setattr(graphs, "CompileJob", Job)
     monkeypatch.setattr(graphs, "keep_failed_capture", lambda error: None)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    cache = GraphCache("UNet", max_shapes=8, compile_backend=COMPILE_BACKEND)
+    cache = GraphCache("UNet", max_shapes=max_shapes, compile_backend=COMPILE_BACKEND)
     module = torch.nn.Module()
 
-    def two_calls(batch):
+    def calls(batch, count=2):
         inputs = [torch.zeros(batch, 4, 8, 8), torch.zeros(batch, 77, 16)]
         signature = (tuple(graphs.tensor_signature(x) for x in inputs),)
-        return [cache.run(signature, "eager", inputs, module) for _ in range(2)]
+        return [cache.run(signature, "eager", inputs, module) for _ in range(count)]
 
-    assert two_calls(1) == ["eager", ("compiled for", 1)]
-    assert two_calls(2) == ["eager", ("compiled for", 2)]
-    assert two_calls(3) == ["eager", ("compiled for", 2)]  # no compile of its own
-    assert two_calls(4) == ["eager", ("compiled for", 2)]
+    return cache, calls, submitted
+
+
+def test_a_new_batch_size_reuses_the_code_compiled_with_a_dynamic_batch(monkeypatch):
+    """Batch 1 compiles on its own (static: Dynamo specialises size 1); the first batch above 1 is
+    compiled with a dynamic batch dimension, and later batch sizes of the same call capture that code
+    instead of compiling again, unless its guards refuse them: then they compile on their own."""
+    cache, calls, submitted = batch_cache(monkeypatch, refusing={5})
+    assert calls(1) == ["eager", ("compiled for", 1)]
+    assert calls(2) == ["eager", ("compiled for", 2)]
+    assert calls(3) == ["eager", ("compiled for", 2)]  # no compile of its own
+    assert calls(4) == ["eager", ("compiled for", 2)]
     assert submitted == [(1, False), (2, True)]
     # Refused by the shared code's guards: batch 5 keeps its eager graph and compiles on its own.
-    assert two_calls(5) == ["eager", "eager"]
-    assert submitted[-1] == (5, False) and 5 in {sig[0][0][0][0] for sig in cache.reuse_refused}
-    assert cache.run(next(iter(sig for sig in cache.graphs if sig[0][0][0][0] == 5)), "eager",
-                     [torch.zeros(5, 4, 8, 8), torch.zeros(5, 77, 16)], module) == ("compiled for", 5)
-    assert not cache.compile_failures
+    assert calls(5, 3) == ["eager", "eager", ("compiled for", 5)]
+    assert submitted[-1] == (5, False) and not cache.compile_failures
     assert any("the code compiled for batch size 2 does not take (5, 4, 8, 8) float32" in said for said in cache._said)
     assert graphs.batch_free(((1, 4, 8, 8), torch.float16, "cuda", (256, 64, 8, 1))) == \
         ((4, 8, 8), torch.float16, "cuda", (64, 8, 1))
+
+
+def test_batch_reuse_orders_a_user_meets(monkeypatch):
+    """Batch 1 after batch 2 is never handed the dynamic code (it cannot take size 1); a failed
+    dynamic-batch compile is retried for the shape's own batch size."""
+    cache, calls, submitted = batch_cache(monkeypatch, failing={3})
+    assert calls(2) == ["eager", ("compiled for", 2)]
+    assert calls(1) == ["eager", ("compiled for", 1)]
+    assert submitted == [(2, True), (1, False)]
+    cache.batch_compiles.clear()
+    assert calls(3, 3) == ["eager", "eager", ("compiled for", 3)]
+    assert submitted[-2:] == [(3, True), (3, False)] and not cache.compile_failures
+
+
+def test_a_graph_dropped_for_max_shapes_keeps_the_finished_shared_compile(monkeypatch):
+    """With room for one graph, batch 3 (handed batch 2's finished compile) is dropped before it
+    captured it: the compile stays usable, and batch 4 takes it instead of compiling for minutes."""
+    cache, calls, submitted = batch_cache(monkeypatch, max_shapes=1)
+    assert calls(2) == ["eager", ("compiled for", 2)]
+    assert calls(3, 1) == ["eager"]  # handed batch 2's compile, not yet captured
+    assert calls(4) == ["eager", ("compiled for", 2)]
+    assert submitted == [(2, True)]
 
 
 def test_graph_cache_passes_a_cancel_through_instead_of_falling_back(monkeypatch):

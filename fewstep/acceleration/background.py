@@ -166,15 +166,24 @@ class CompileJob:
                 "changed while it compiled)")
 
 
+_SWITCH_LOCK = threading.Lock()
+_switch_holders: list = []  # [the interval before the first holder] while any holds it short
+
+
 @contextlib.contextmanager
 def shorter_switch_interval(seconds: float):
-    """Within: Python's GIL switch interval at most `seconds` (process-wide; restored after)."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(min(previous, seconds))
+    """Within: Python's GIL switch interval at most `seconds` (process-wide). Blocks may overlap (several
+    workers): the process's own interval comes back when the last one ends."""
+    with _SWITCH_LOCK:
+        _switch_holders.append(sys.getswitchinterval() if not _switch_holders else _switch_holders[0])
+        sys.setswitchinterval(min(_switch_holders[0], seconds))
     try:
         yield
     finally:
-        sys.setswitchinterval(previous)
+        with _SWITCH_LOCK:
+            original = _switch_holders.pop()
+            if not _switch_holders:
+                sys.setswitchinterval(original)
 
 
 def backend_function(backend):

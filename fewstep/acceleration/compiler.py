@@ -22,8 +22,11 @@ COMPILE_RECOMPILE_LIMIT = 256
 # limit, or TORCHDYNAMO_SUPPRESS_ERRORS set in the environment), so that the fallback says so.
 # Keys this torch lacks are left out. Dynamo's config is process-wide: ComfyUI runs one prompt at a
 # time, and the setting lasts only for the compiling call.
+# Automatic dynamic shapes off: Dynamo remembers every shape a function's code was compiled for, across
+# the process, and would make a dimension that differed from an earlier compile (the image's height and
+# width, a text length) dynamic on its own; only the batch dimension is made dynamic, where asked.
 COMPILE_CONFIG = {"recompile_limit": COMPILE_RECOMPILE_LIMIT, "fail_on_recompile_limit_hit": True,
-                  "suppress_errors": False}
+                  "suppress_errors": False, "automatic_dynamic_shapes": False}
 
 
 def compile_config() -> dict:

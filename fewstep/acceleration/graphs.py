@@ -156,7 +156,8 @@ class GraphCache:
     # batch_free(signature) → the CompileJob whose compiled code takes any batch size above 1 there;
     # a new batch size of that call is handed it instead of a compile of its own.
     batch_compiles: dict = field(default_factory=dict)
-    reuse_refused: set = field(default_factory=set)  # signatures the shared compiled code's guards refused
+    shared: set = field(default_factory=set)  # signatures handed a job of batch_compiles, not their own
+    reuse_refused: set = field(default_factory=set)  # signatures to compile on their own, for their own batch size
     captures: list = field(default_factory=list)  # CaptureRecord per capture, in order
     eager_calls: int = 0
     pool: object = None  # torch.cuda.graph_pool_handle() shared by this cache's graphs
@@ -232,18 +233,22 @@ class GraphCache:
         if (self.compile_backend is None or signature in self.compiling
                 or signature in self.compile_failures or self.graphs[signature].compiled):
             return
+        batch = batch_size(inputs)
         shared = self.batch_compiles.get(batch_free(signature))
-        if (shared is not None and signature not in self.reuse_refused and not shared.cancelled
-                and not (shared.done() and shared.error is not None)):
+        # Code with a dynamic batch takes sizes above 1 only (Dynamo specialises 0 and 1).
+        if (shared is not None and batch not in (None, 0, 1) and signature not in self.reuse_refused
+                and not shared.cancelled and not (shared.done() and shared.error is not None)):
             self.compiling[signature] = shared
+            self.shared.add(signature)
             log.info("FewStepAccelerate: %s for %s runs on a CUDA graph of the eager kernels now; later runs "
                      "switch to the code compiled in the background for batch size %d, which takes other batch "
                      "sizes too", self.part, describe(signature), shared.batch)
             return
-        dynamic = batch_size(inputs) not in (None, 0, 1) and signature not in self.reuse_refused
+        dynamic = batch not in (None, 0, 1) and signature not in self.reuse_refused
         job = WORKER.submit(CompileJob(compiler_form() if compiler_form else function, inputs,
                                        self.compile_backend, dynamic_batch=dynamic))
         self.compiling[signature] = job
+        self.shared.discard(signature)
         if dynamic:
             self.batch_compiles[batch_free(signature)] = job
         # Said once per shape: the log then shows when the compiled graph took over.
@@ -256,8 +261,18 @@ class GraphCache:
         """The compiled code of a finished job captured for `inputs` in place of the first graph; None
         where it cannot be (said, and the first graph stays)."""
         if job.error is not None:
-            if isinstance(job.error, self.passthrough):
-                return None  # interrupted: not a failure, but this shape keeps its eager-kernel graph
+            if isinstance(job.error, self.passthrough):  # interrupted: not a failure, but not used either
+                self.say(f"{self.part}: the compile for {describe(signature)} was interrupted and is not used; "
+                         "this shape stays on the graph of the eager kernels")
+                return None
+            if getattr(job, "dynamic_batch", False) and signature not in self.reuse_refused:
+                # Compiling for any batch size failed (dynamic shapes fail more often): try this one alone.
+                self.reuse_refused.add(signature)
+                if self.batch_compiles.get(batch_free(signature)) is job:
+                    del self.batch_compiles[batch_free(signature)]
+                self.say(f"{self.part}: torch.compile with a dynamic batch size failed ({first_line(job.error)}); "
+                         f"compiling {describe(signature)} for its own batch size")
+                return None
             self.compile_failures[signature] = first_line(job.error)
             self.say(f"{self.part}: torch.compile failed for {describe(signature)} ({first_line(job.error)}); "
                      "this shape stays on the graph of the eager kernels")
@@ -270,16 +285,20 @@ class GraphCache:
         except self.passthrough:
             raise
         except Exception as error:
-            keep_failed_capture(error)
-            if isinstance(error, CompiledCodeNotUsed) and job.batch != batch_size(inputs):
-                # Code compiled for another batch size whose guards refuse this one: it gets its own compile.
+            refused = isinstance(error, CompiledCodeNotUsed)  # refused before any capture began
+            if not refused:
+                keep_failed_capture(error)
+            if refused and signature in self.shared:
+                # Code compiled for another batch size (or before the weights moved) whose guards refuse
+                # this call: it gets its own compile.
                 self.reuse_refused.add(signature)
+                self.shared.discard(signature)
                 self.say(f"{self.part}: the code compiled for batch size {job.batch} does not take "
                          f"{describe(signature)}; compiling this shape on its own")
                 return None
             self.compile_failures[signature] = first_line(error)
             how = "for this shape"
-            if allocator_backend() == STREAM_ORDERED_ALLOCATOR and not isinstance(error, CompiledCodeNotUsed):
+            if allocator_backend() == STREAM_ORDERED_ALLOCATOR and not refused and signature not in self.shared:
                 self.compile_backend = None  # it would fail the same way at every shape
                 how = (f"from now on (under the {STREAM_ORDERED_ALLOCATOR} allocator; start ComfyUI with "
                        f"{NATIVE_ALLOCATOR_FLAG} for compiled graphs)")
@@ -295,8 +314,12 @@ class GraphCache:
         while len(self.graphs) >= self.max_shapes:
             dropped, _ = self.graphs.popitem(last=False)
             job = self.compiling.pop(dropped, None)
-            if job is not None and all(other is not job for other in self.compiling.values()):
+            # A job other shapes wait for, or a finished one (batch_compiles may hand it out again), stays.
+            if job is not None and not job.done() and all(other is not job for other in self.compiling.values()):
                 job.cancelled = True  # not started yet: skipped; running: its result unused
+            if job is not None:
+                log.info("FewStepAccelerate: %s: the background compile for %s is dropped with its graph "
+                         "(max_shapes)", self.part, describe(dropped))
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         try:
