@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import types
 
 import torch
 
@@ -35,10 +34,11 @@ from ..fewstep.acceleration import (
     compile_unavailable_reason,
     compiled_capture_unavailable_reason,
     cuda_graph_unavailable_reason,
-    group_norm_for_compiler,
     tensor_signature,
 )
-from ..fewstep.acceleration.model_inputs import BoundCall, NotCapturable, flatten_conditioning
+from ..fewstep.acceleration.compiler_forms import GroupNormForCompiler
+from ..fewstep.acceleration.model_inputs import BoundCall, NotCapturable, call_model_function, flatten_conditioning
+from ..fewstep.acceleration.saved_compiles import SavedForm, describe_value, module_fingerprint
 
 WRAPPER_KEY = "fewstep_accelerate"
 log = logging.getLogger("fewstep.acceleration")
@@ -108,12 +108,28 @@ class DiffusionModelAccelerator:
             def forward(*tensors):
                 return call.call(executor, {**flat.rebuild(tensors), "control": None, "transformer_options": options})
 
-            output = self.graphs.run(signature, forward, flat.tensors, executor.class_obj)
+            def saved_form():
+                return self.saved_form(executor, call, flat, options)
+
+            output = self.graphs.run(signature, forward, flat.tensors, executor.class_obj,
+                                     saved_form=saved_form if innermost(executor) else None)
             if output is not None:
                 return output.clone()  # the graph's output buffer is rewritten by the next replay
         else:
             self.graphs.eager(reason)
         return executor(*args, **kwargs)
+
+    def saved_form(self, executor, call: BoundCall, flat, options: dict) -> SavedForm:
+        """The model call as a compile saved to disk takes it: the model function itself (this wrapper
+        is the innermost), everything the traced code may depend on besides the tensors in `identity`."""
+        original = executor.original
+        fixed = {"control": None, "transformer_options": options}
+        identity = {"model": module_fingerprint(self.base_model.diffusion_model),
+                    "function": f"{type(getattr(original, '__self__', None)).__qualname__}.{original.__name__}",
+                    "parameters": [[parameter.name, str(parameter.kind)] for parameter in call.parameters],
+                    "layout": describe_value(flat.layout), "options": describe_value(options),
+                    "comfyui": comfyui_settings()}
+        return SavedForm(call_model_function, (original, call, flat, fixed), identity)
 
     def sampler_sample(self, executor, *args, **kwargs):
         # Models are loaded (and weights patched) before the sampler runs and not during it, so each
@@ -173,7 +189,8 @@ class AcceleratedVAE(comfy.sd.VAE):
             self.decode_graphs.eager(reason)
             return None
         return self.decode_graphs.run(signature, self._decode_to_image, [latent], self.first_stage_model,
-                                      compiler_form=self._decode_to_image_for_compiler)
+                                      compiler_form=self._decode_to_image_for_compiler,
+                                      saved_form=self._decode_to_image_saved_form)
 
     def _decode_to_image(self, latent, first_stage_model=None):
         # VAE.decode computes process_output(decode(samples).to(output_device).float()): the same
@@ -183,6 +200,11 @@ class AcceleratedVAE(comfy.sd.VAE):
     def _decode_to_image_for_compiler(self):
         decoder = decoder_for_compiler(self.first_stage_model)
         return lambda latent: self._decode_to_image(latent, decoder)
+
+    def _decode_to_image_saved_form(self) -> SavedForm:
+        identity = {"model": module_fingerprint(self.first_stage_model), "vae": type(self).__mro__[1].__qualname__,
+                    "forms": ["group_norm_for_compiler", "attention_by_matmuls"], "comfyui": comfyui_settings()}
+        return SavedForm(decoded_image, (self, decoder_for_compiler(self.first_stage_model)), identity)
 
     def _to_output_device(self, image):
         if image.device.type == "cpu":  # no staging copy (the graph path runs on the CPU only in tests)
@@ -194,6 +216,24 @@ class AcceleratedVAE(comfy.sd.VAE):
         output.copy_(image, non_blocking=True)
         torch.cuda.current_stream().synchronize()
         return output
+
+
+def decoded_image(vae: AcceleratedVAE, first_stage_model: torch.nn.Module, latent: torch.Tensor) -> torch.Tensor:
+    """The VAE decode a compile saved to disk takes: a module-level function, the VAE as an argument."""
+    return vae._decode_to_image(latent, first_stage_model)
+
+
+def innermost(executor) -> bool:
+    """Whether the model function comes next in ComfyUI's wrapper chain (no other pack's wrapper after
+    this one, which a compile saved without it would leave out)."""
+    return getattr(executor, "idx", None) == len(getattr(executor, "wrappers", ())) - 1
+
+
+def comfyui_settings() -> dict:
+    """ComfyUI's launch flags: they choose the attention, cast and memory functions the model code calls."""
+    import comfy.cli_args
+
+    return {name: describe_value(value) for name, value in sorted(vars(comfy.cli_args.args).items())}
 
 
 def decoder_for_compiler(first_stage_model: torch.nn.Module) -> torch.nn.Module:
@@ -209,14 +249,10 @@ def decoder_for_compiler(first_stage_model: torch.nn.Module) -> torch.nn.Module:
         if (isinstance(module, torch.nn.GroupNorm) and "forward" not in module.__dict__
                 and not getattr(module, "comfy_cast_weights", False)
                 and not getattr(module, "weight_function", None) and not getattr(module, "bias_function", None)):
-            module.forward = types.MethodType(_group_norm_for_compiler_forward, module)
+            module.__class__ = GroupNormForCompiler
         elif isinstance(module, AttnBlock):
             module.optimized_attention = attention_by_matmuls
     return model
-
-
-def _group_norm_for_compiler_forward(norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    return group_norm_for_compiler(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
 
 class FewStepAccelerate(io.ComfyNode):

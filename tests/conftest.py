@@ -1,7 +1,9 @@
 """Test setup: the shared machinery in testing/ (which registers the pack as `comfyui_fewstep`)."""
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "testing"))
@@ -9,6 +11,9 @@ import pack  # noqa: E402,F401 — registers the pack as the `comfyui_fewstep` p
 
 
 import pytest  # noqa: E402
+
+# Compiles the tests save go to a folder of this run's own, not beside the user's Inductor cache.
+os.environ.setdefault("FEWSTEP_SAVED_COMPILES_DIR", tempfile.mkdtemp(prefix="fewstep-saved-compiles-"))
 
 from comfy_harness import COMFYUI_MISSING, COMFYUI_PATH, InProcessComfy, require_comfyui  # noqa: E402
 

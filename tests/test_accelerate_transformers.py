@@ -101,9 +101,17 @@ def test_accelerate_traces_the_transformer_as_comfyui_calls_it(comfy, sd15, monk
     tiny = build_flow_model(base, comfy.models_dir)
     calls, counter = [], CompileCounterWithBackend("aot_eager")
 
-    def compile_and_run(cache, signature, function, inputs, module, compiler_form=None):
+    saved_counter, saved_forms = CompileCounterWithBackend("aot_eager"), []
+
+    def compile_and_run(cache, signature, function, inputs, module, compiler_form=None, saved_form=None):
         calls.append((cache.part, signature))
-        return compile_for_one_shape(compiler_form() if compiler_form else function, backend=counter)(*inputs)
+        output = compile_for_one_shape(compiler_form() if compiler_form else function, backend=counter)(*inputs)
+        # The form whose compile is saved to disk computes the same (the model function called directly).
+        saved_forms.append(saved_form is not None)
+        form = saved_form()
+        saved_output = compile_for_one_shape(form.function, backend=saved_counter)(*form.leading, *inputs)
+        assert (saved_output - output).abs().max().item() <= 1e-5
+        return output
 
     monkeypatch.setattr(node_module, "cuda_graph_unavailable_reason", lambda device: None)
     monkeypatch.setattr(node_module, "compile_unavailable_reason", lambda device: None)
@@ -119,5 +127,6 @@ def test_accelerate_traces_the_transformer_as_comfyui_calls_it(comfy, sd15, monk
 
     assert {part for part, _ in calls} == {"transformer"}  # nothing decoded
     assert len(calls) == steps and counter.frame_count >= 1
+    assert all(saved_forms) and saved_counter.frame_count >= 1
     assert (accelerated - eager).abs().max().item() <= TOLERANCE
 

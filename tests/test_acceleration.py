@@ -95,11 +95,18 @@ def test_dynamo_traces_what_the_node_captures_in_a_real_sampling_run(comfy, requ
     node_module = loaded_node_module(comfy)
     counters, backends, traced_differently = {}, {}, {}
 
-    def compile_and_run(cache, signature, function, inputs, module, compiler_form=None):
+    def compile_and_run(cache, signature, function, inputs, module, compiler_form=None, saved_form=None):
         backends[cache.part] = cache.compile_backend
         traced_differently[cache.part] = compiler_form is not None
         counter = counters.setdefault(cache.part, CompileCounterWithBackend("aot_eager"))
-        return compile_for_one_shape(compiler_form() if compiler_form else function, backend=counter)(*inputs)
+        output = compile_for_one_shape(compiler_form() if compiler_form else function, backend=counter)(*inputs)
+        # The form whose compile is saved to disk: the same computation, also one graph (torch saves
+        # only whole-graph compiles).
+        form = saved_form()
+        saved_counter = counters.setdefault(f"{cache.part} (saved form)", CompileCounterWithBackend("aot_eager"))
+        saved_output = compile_for_one_shape(form.function, backend=saved_counter)(*form.leading, *inputs)
+        assert agreement(saved_output, output, tolerance=1e-5).within_tolerance, cache.part
+        return output
 
     # The attention ComfyUI picks on a CUDA GPU (SDPA) rather than its CPU choice (sub-quadratic
     # attention, which asks psutil for free memory inside the UNet and so breaks the graph there).
@@ -111,7 +118,7 @@ def test_dynamo_traces_what_the_node_captures_in_a_real_sampling_run(comfy, requ
     monkeypatch.setattr(vae_model, "vae_attention", lambda: vae_model.pytorch_attention)
     # Channel sums at every size: the tiny decoder never reaches the GPU's threshold, and they must
     # trace without a graph break too.
-    monkeypatch.setattr(sys.modules[node_module.group_norm_for_compiler.__module__], "CHANNEL_SUMS_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(sys.modules[node_module.GroupNormForCompiler.__module__], "CHANNEL_SUMS_MIN_ELEMENTS", 0)
     monkeypatch.setattr(node_module, "cuda_graph_unavailable_reason", lambda device: None)
     monkeypatch.setattr(node_module, "compile_unavailable_reason", lambda device: None)
     monkeypatch.setattr(node_module.GraphCache, "run", compile_and_run)
@@ -121,6 +128,7 @@ def test_dynamo_traces_what_the_node_captures_in_a_real_sampling_run(comfy, requ
     assert backends == {"UNet": COMPILE_BACKEND, "VAE decode": COMPILE_BACKEND}
     # The decoder is traced with its GroupNorms and attention in the compiler's forms.
     assert traced_differently == {"UNet": False, "VAE decode": True}
+    assert set(counters) == {"UNet", "VAE decode", "UNet (saved form)", "VAE decode (saved form)"}
     for part, counter in counters.items():
         # One graph for the whole call, reused at every step:
         # a graph break would split Inductor's fusion and mean a Python fallback inside the UNet.
@@ -159,7 +167,7 @@ def test_decoder_for_compiler_shares_the_weights_and_leaves_comfyuis_modules_alo
     from comfy.ldm.modules.diffusionmodules.model import AttnBlock
 
     node_module = loaded_node_module(comfy)
-    pack_acceleration = sys.modules[node_module.group_norm_for_compiler.__module__]  # ComfyUI's import of it
+    pack_acceleration = sys.modules[node_module.GroupNormForCompiler.__module__]  # ComfyUI's import of it
     monkeypatch.setattr(pack_acceleration, "CHANNEL_SUMS_MIN_ELEMENTS", channel_sums_from)
     _, _, vae = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(sd15.checkpoint_name)
     original = vae.first_stage_model
@@ -168,12 +176,13 @@ def test_decoder_for_compiler_shares_the_weights_and_leaves_comfyuis_modules_alo
     norms = [m for m in copy.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
     blocks = [m for m in copy.decoder.modules() if isinstance(m, AttnBlock)]
     assert norms and blocks and copy is not original
-    assert all(norm.forward.__func__ is node_module._group_norm_for_compiler_forward for norm in norms)
+    assert all(type(norm) is node_module.GroupNormForCompiler for norm in norms)
     assert all(block.optimized_attention is node_module.attention_by_matmuls for block in blocks)
     assert all(mine is theirs for mine, theirs in zip(copy.parameters(), original.parameters()))
     assert all(mine is theirs for mine, theirs in zip(copy.buffers(), original.buffers()))
     assert len(list(copy.parameters())) == len(list(original.parameters())) > 0
-    assert all("forward" not in m.__dict__ for m in original.modules() if isinstance(m, torch.nn.GroupNorm))
+    assert all("forward" not in m.__dict__ and type(m) is not node_module.GroupNormForCompiler
+               for m in original.modules() if isinstance(m, torch.nn.GroupNorm))
     assert [m.optimized_attention for m in original.decoder.modules() if isinstance(m, AttnBlock)] == attentions
     latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
@@ -190,8 +199,9 @@ def test_decoder_for_compiler_leaves_norms_that_others_patch_or_comfyui_casts(co
     copy_patched, copy_cast, *copy_plain = [m for m in node_module.decoder_for_compiler(
         vae.first_stage_model).decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert copy_patched.forward is patched.forward
-    assert "forward" not in copy_cast.__dict__
-    assert all(norm.forward.__func__ is node_module._group_norm_for_compiler_forward for norm in copy_plain)
+    assert "forward" not in copy_cast.__dict__ and type(copy_cast) is type(cast)
+    assert type(copy_patched) is type(patched)
+    assert all(type(norm) is node_module.GroupNormForCompiler for norm in copy_plain)
 
 
 def test_node_clones_the_model_and_accelerating_twice_keeps_one_wrapper(comfy, sd15):

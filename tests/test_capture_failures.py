@@ -95,6 +95,14 @@ def capture_fails_for_compiled_kernels(comfy, monkeypatch):
     return stand_in
 
 
+def compiled_here_or_loaded(message: str) -> bool:
+    """A compiled capture's line names where its code came from: this server's compile (the split of its
+    time where it is measured: the compile that cannot be saved), or one saved by an earlier run."""
+    return (("compiled in the background in" in message
+             and ("of which AOTAutograd and Inductor" in message or "saved on disk for a restart" in message))
+            or "loaded from the compile saved on disk in" in message)
+
+
 def reseeded(prompt, seed):
     """Another seed, so that ComfyUI runs the sampler again rather than answering from its cache."""
     prompt["sample"]["inputs"]["noise_seed"] = seed
@@ -196,8 +204,8 @@ def test_no_prompt_waits_for_the_compile_and_the_compiled_graph_takes_over(
     messages = [record.getMessage() for record in caplog.records if record.name == "fewstep.acceleration"]
     for part in ("UNet", "VAE decode"):
         assert any(message.startswith(f"FewStepAccelerate: captured {part} CUDA graph for (2, 4, 8, 8) float32")
-                   and "(compiled, cuDNN autotuned)" in message and "compiled in the background in" in message
-                   and "of which AOTAutograd and Inductor" in message for message in messages)
+                   and "(compiled, cuDNN autotuned)" in message and compiled_here_or_loaded(message)
+                   for message in messages)
     assert any("UNet: 1 of at most 4 sizes captured (1 compiled, 0 compiling)" in message for message in messages)
     assert compiles_pending("\n".join(messages)) == 0  # what the server benches wait on reads these lines
 
@@ -315,7 +323,7 @@ def test_a_new_batch_size_replays_the_code_compiled_for_another_without_compilin
     messages = [record.getMessage() for record in caplog.records if record.name == "fewstep.acceleration"]
     for part in ("UNet", "VAE decode"):
         assert any(message.startswith(f"FewStepAccelerate: captured {part} CUDA graph for (3, 4, 8, 8) float32")
-                   and "the code compiled for batch size 2, compiled in the background" in message
+                   and "the code compiled for batch size 2, " in message and compiled_here_or_loaded(message)
                    for message in messages)
         assert any(message.startswith(f"FewStepAccelerate: {part} for (3, 4, 8, 8) float32")
                    and "switch to the code compiled in the background for batch size 2" in message

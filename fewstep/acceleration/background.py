@@ -12,11 +12,16 @@ on the prompt's time, and the job sees that its compiled code did not run.
 cuDNN's autotuning cannot move to the worker: PyTorch keeps its benchmark results per thread, and its
 switch (torch.backends.cudnn.benchmark) is process-wide, so setting it there would make the prompt
 thread's own first runs autotune instead.
+
+Where the part's call has a saveable form (fewstep.acceleration.saved_compiles), the worker compiles it
+ahead of time and saves it, or loads what an earlier server saved for the same call: a restarted server
+then skips Dynamo's tracing, most of a compile's time once Inductor's cache is warm.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import queue
 import sys
 import threading
@@ -26,6 +31,9 @@ from typing import Callable, Sequence
 import torch
 
 from .compiler import COMPILE_OPTIONS, compile_config
+from .saved_compiles import STORE, SavedForm, aot_compile, compile_key, refusal
+
+log = logging.getLogger("fewstep.acceleration")
 
 # The worker starts a job only once the prompt thread has been out of every accelerated run (sampling,
 # decode) this long: Dynamo's tracing is Python and holds the GIL, and started in the middle of a
@@ -87,7 +95,7 @@ class CompileJob:
     """One function compiled by `backend` for one set of input shapes, on the worker thread."""
 
     def __init__(self, function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | None], backend,
-                 dynamic_batch: bool = False):
+                 dynamic_batch: bool = False, saved_form: SavedForm | None = None, store=None):
         self.inputs = [None if x is None else x.clone() for x in inputs]
         # With `dynamic_batch`, the compiled code takes any batch size above 1 (Dynamo specialises sizes 0
         # and 1), so a new batch size reuses it instead of compiling for minutes again. Marked "maybe":
@@ -106,6 +114,15 @@ class CompileJob:
         self.backend_seconds = 0.0
         self.compiled = torch.compile(function, backend=self._counting(backend),
                                       dynamic=None if self.dynamic_batch else False, fullgraph=False)
+        # The ahead-of-time path (a backend given by name: a wrapped one cannot be saved).
+        self.saved_form = saved_form if isinstance(backend, str) else None
+        self.backend_name = backend if isinstance(backend, str) else None
+        self.store = store if store is not None else STORE
+        self.saved = None  # the ahead-of-time compiled function, loaded or compiled here
+        self.loaded = False  # it was loaded from disk
+        self.saved_path = None  # where it was saved for later servers
+        self.save_problem: str | None = None  # why it was not saved (the usual compile ran instead)
+        self.load_problem: str | None = None  # why a file saved for this call was not used
         self.error: BaseException | None = None
         self.seconds: float | None = None
         self.cancelled = False
@@ -144,8 +161,13 @@ class CompileJob:
                 with (torch.inference_mode(self.inference_mode), torch.set_grad_enabled(self.grad_enabled),
                       torch._dynamo.config.patch(**compile_config()),
                       torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+                    if self.saved_form is not None:
+                        self._compile_saved()
+                    compiled, inputs = self.compiled, self.inputs
+                    if self.saved is not None:  # called as the prompt thread will: on unmarked tensors
+                        compiled, inputs = self.runnable(), unmarked(self.inputs)
                     for _ in range(COMPILE_RUNS):
-                        self.compiled(*self.inputs)
+                        compiled(*inputs)
                 if stream is not None:
                     stream.synchronize()
         except BaseException as error:  # reported by the cache on the prompt thread, never raised here
@@ -155,9 +177,47 @@ class CompileJob:
             self.seconds = time.perf_counter() - started
             self._done.set()
 
+    def _compile_saved(self) -> None:
+        """`saved`: loaded from disk, or compiled ahead of time and saved; left None where torch cannot
+        (a graph break, an object it cannot save), for the usual compile to run."""
+        form = self.saved_form
+        key = compile_key(form, self.inputs, self.dynamic_batch, self.backend_name)
+        function, why = self.store.load(key)
+        if function is not None:
+            why = refusal(function, (*form.leading, *unmarked(self.inputs)))
+            function = function if why is None else None
+        if function is not None:
+            self.saved, self.loaded = function, True
+            return
+        if why != "none saved":
+            self.load_problem = why
+        try:
+            options = COMPILE_OPTIONS if self.backend_name == "inductor" else None
+            function = aot_compile(form, self.inputs, self.backend_name, options,
+                                   dynamic=None if self.dynamic_batch else False)
+        except Exception as error:
+            log.debug("FewStepAccelerate: the ahead-of-time compile failed", exc_info=True)
+            self.save_problem = f"torch cannot compile it in a form it can save ({first_line(error)})"
+            return
+        self.saved, self.backend_seconds = function, None  # not measured apart on this path
+        try:
+            self.saved_path = self.store.save(key, function)
+        except Exception as error:  # a full disk, a read-only folder: used now, compiled again next time
+            self.save_problem = f"saving it failed ({first_line(error)})"
+
     def runnable(self) -> Callable[..., torch.Tensor]:
         """The compiled function as the prompt thread calls it: compiled code only, never a compile."""
-        return torch._dynamo.run(self.compiled)
+        if self.saved is None:
+            return torch._dynamo.run(self.compiled)
+        saved, leading = self.saved, self.saved_form.leading
+
+        def run_saved(*tensors):
+            if not saved.guard_check(*leading, *tensors):
+                raise CompiledCodeNotUsed("the compiled code's guards did not match the prompt's call")
+            self.compiled_runs += 1
+            return saved(*leading, *tensors)
+
+        return run_saved
 
     def check_compiled_code_ran(self, runs_before: int) -> None:
         if self.compiled_runs == runs_before:
@@ -184,6 +244,15 @@ def shorter_switch_interval(seconds: float):
             original = _switch_holders.pop()
             if not _switch_holders:
                 sys.setswitchinterval(original)
+
+
+def unmarked(inputs: Sequence[torch.Tensor | None]) -> list:
+    """The same tensors without Dynamo's dynamic-dimension marks (saved guards compare those too)."""
+    return [None if x is None else x.detach() for x in inputs]
+
+
+def first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0][:300]
 
 
 def backend_function(backend):

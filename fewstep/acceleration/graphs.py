@@ -10,8 +10,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .background import ACTIVITY, WORKER, CompiledCodeNotUsed, CompileJob
-from .signatures import batch_free, batch_size, describe, tensor_signature  # noqa: F401 — re-exported
+from .background import ACTIVITY, WORKER, CompiledCodeNotUsed, CompileJob, first_line
+from .signatures import WeightSnapshot, batch_free, batch_size, describe, tensor_signature  # noqa: F401 — re-exported
 from .compiler import NATIVE_ALLOCATOR_FLAG, STREAM_ORDERED_ALLOCATOR, allocator_backend, kernel_launches_by_address
 
 log = logging.getLogger("fewstep.acceleration")
@@ -37,34 +37,6 @@ def cuda_graph_unavailable_reason(device: torch.device | str) -> str | None:
         return "a CUDA graph is already being captured on this stream"
     return None
 
-
-
-class WeightSnapshot:
-    """The storage address of every parameter and buffer of a module, as a graph captured them.
-
-    ComfyUI patches weights (LoRA, offloading, lowvram) either in place — the graph then reads the
-    new values, correctly — or by swapping in new tensors, which `unchanged()` detects.
-    """
-
-    def __init__(self, module: torch.nn.Module):
-        self.slots, self.names, tensors = [], [], []
-        for owner in module.modules():
-            for slots in (owner._parameters, owner._buffers):
-                for name, tensor in slots.items():
-                    if tensor is not None:
-                        self.slots.append(slots)
-                        self.names.append(name)
-                        tensors.append(tensor)
-        self.addresses = [tensor.data_ptr() for tensor in tensors]
-
-    def unchanged(self) -> bool:
-        # Checked before every replay, with the GPU idle: map() over C-level callables reads the
-        # 1,680 tensors of an SDXL UNet faster than a Python loop; data_ptr() itself is most of what
-        # is left.
-        try:
-            return list(map(torch.Tensor.data_ptr, map(dict.get, self.slots, self.names))) == self.addresses
-        except TypeError:  # a slot emptied (None) or holding something that is not a tensor
-            return False
 
 
 class CapturedGraph:
@@ -128,6 +100,7 @@ class CaptureRecord:
     compiled: bool = False
     compile_seconds: float | None = None  # in the background, before a compiled capture
     backend_seconds: float | None = None  # of compile_seconds, in AOTAutograd and Inductor (or their caches)
+    loaded: bool = False  # the compiled code was loaded from disk, saved by an earlier server
 
 
 @dataclass
@@ -167,12 +140,15 @@ class GraphCache:
 
     def run(self, signature: tuple, function: Callable[..., torch.Tensor],
             inputs: Sequence[torch.Tensor | None], module: torch.nn.Module,
-            compiler_form: Callable[[], Callable[..., torch.Tensor]] | None = None) -> torch.Tensor | None:
+            compiler_form: Callable[[], Callable[..., torch.Tensor]] | None = None,
+            saved_form: Callable[[], object] | None = None) -> torch.Tensor | None:
         """The graph's output for `inputs` (capturing it the first time), or None: run eagerly.
 
         `compiler_form` makes the function the compiler is given, where it differs from `function`
         (the VAE decoder's operations in the forms Inductor makes fast, on a copy of the module that
         shares its weights; see nodes/acceleration.py). The eager kernels are captured from `function`.
+        `saved_form` makes the SavedForm of the compiler's function, where its compile can be saved to
+        disk and loaded by a restarted server (fewstep.acceleration.saved_compiles).
         """
         if signature in self.failures:
             return None
@@ -188,12 +164,12 @@ class GraphCache:
                     del self.compiling[signature]
                     graph = self._capture_compiled(signature, job, inputs, module) or graph
                     if graph is not None and not graph.compiled and signature in self.reuse_refused:
-                        self._compile_in_background(signature, function, compiler_form, inputs)
+                        self._compile_in_background(signature, function, compiler_form, inputs, saved_form)
         if graph is None:
             graph = self._capture(signature, function, inputs, module)
             if graph is None:
                 return None
-            self._compile_in_background(signature, function, compiler_form, inputs)
+            self._compile_in_background(signature, function, compiler_form, inputs, saved_form)
         self.graphs.move_to_end(signature)
         try:
             return graph(inputs)
@@ -229,7 +205,7 @@ class GraphCache:
         graph = self.graphs.get(signature)
         return graph is not None and self._weights_still_captured(graph)
 
-    def _compile_in_background(self, signature, function, compiler_form, inputs) -> None:
+    def _compile_in_background(self, signature, function, compiler_form, inputs, saved_form=None) -> None:
         if (self.compile_backend is None or signature in self.compiling
                 or signature in self.compile_failures or self.graphs[signature].compiled):
             return
@@ -245,8 +221,9 @@ class GraphCache:
                      "sizes too", self.part, describe(signature), shared.batch)
             return
         dynamic = batch not in (None, 0, 1) and signature not in self.reuse_refused
+        saving = {"saved_form": saved_form()} if saved_form is not None else {}
         job = WORKER.submit(CompileJob(compiler_form() if compiler_form else function, inputs,
-                                       self.compile_backend, dynamic_batch=dynamic))
+                                       self.compile_backend, dynamic_batch=dynamic, **saving))
         self.compiling[signature] = job
         self.shared.discard(signature)
         if dynamic:
@@ -307,8 +284,12 @@ class GraphCache:
             torch.cuda.synchronize()
             return None
         self.graphs.pop(signature, None)  # the eager-kernel graph's memory goes back to the pool
+        for problem, what in ((getattr(job, "load_problem", None), "the compile saved on disk is not used"),
+                              (getattr(job, "save_problem", None), "the compile is not saved for a restart")):
+            if problem:
+                self.say(f"{self.part}: {what} for {describe(signature)}: {problem}")
         reused_from = job.batch if job.batch != batch_size(inputs) else None
-        return self._keep(signature, graph, job.seconds, job.backend_seconds, reused_from)
+        return self._keep(signature, graph, job, reused_from)
 
     def _capture(self, signature, function, inputs, module) -> CapturedGraph | None:
         while len(self.graphs) >= self.max_shapes:
@@ -340,19 +321,18 @@ class GraphCache:
         self.say(f"{self.part}: {what} ({reason}); running eager for this shape")
         torch.cuda.synchronize()
 
-    def _keep(self, signature, graph: CapturedGraph, compile_seconds: float | None = None,
-              backend_seconds: float | None = None, reused_from: int | None = None) -> CapturedGraph:
+    def _keep(self, signature, graph: CapturedGraph, job=None, reused_from: int | None = None) -> CapturedGraph:
         self.graphs[signature] = graph
-        record = CaptureRecord(self.part, signature, graph.capture_seconds, graph.compiled, compile_seconds,
-                               backend_seconds)
+        record = CaptureRecord(self.part, signature, graph.capture_seconds, graph.compiled,
+                               job.seconds if job else None, job.backend_seconds if job else None,
+                               bool(getattr(job, "loaded", False)))
         self.captures.append(record)
         how = [what for what, used in (("compiled", graph.compiled), ("cuDNN autotuned", graph.autotuned)) if used]
         log.info("FewStepAccelerate: captured %s CUDA graph for %s in %.2f s%s; replayed for every later "
                  "call of this shape%s", self.part, describe(signature), graph.capture_seconds,
                  f" ({', '.join(how)})" if how else "",
-                 f" ({f'the code compiled for batch size {reused_from}, ' if reused_from else ''}compiled in the "
-                 f"background in {compile_seconds:.1f} s, of which AOTAutograd and Inductor {backend_seconds:.1f} s)"
-                 if compile_seconds is not None else "",
+                 f" ({f'the code compiled for batch size {reused_from}, ' if reused_from else ''}"
+                 f"{compile_origin(job)})" if job is not None else "",
                  extra={"fewstep_capture": record})
         if self.on_change is not None:
             self.on_change()
@@ -367,6 +347,16 @@ class GraphCache:
         if message not in self._said:
             self._said.add(message)
             log.warning("FewStepAccelerate: %s", message)
+
+
+def compile_origin(job) -> str:
+    """Where a captured compiled graph's code came from, for the capture's log line."""
+    if getattr(job, "loaded", False):
+        return f"loaded from the compile saved on disk in {job.seconds:.1f} s, without tracing"
+    split = (f", of which AOTAutograd and Inductor {job.backend_seconds:.1f} s"
+             if job.backend_seconds is not None else "")
+    saved = ", saved on disk for a restart" if getattr(job, "saved_path", None) else ""
+    return f"compiled in the background in {job.seconds:.1f} s{split}{saved}"
 
 
 @contextlib.contextmanager
@@ -399,6 +389,3 @@ def keep_failed_capture(error: BaseException) -> None:
     if allocator_backend() == STREAM_ORDERED_ALLOCATOR:
         FAILED_CAPTURES_KEPT.append(error)
 
-
-def first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}".splitlines()[0][:300]

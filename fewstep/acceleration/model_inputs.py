@@ -102,6 +102,13 @@ class BoundCall:
         return function(*positional, **arguments)
 
 
+def call_model_function(function, call: BoundCall, flat: FlatInputs, fixed: dict, *tensors: torch.Tensor):
+    """`function` called as `call` was, `tensors` in the flat inputs' places and `fixed` added: the form of
+    a model call whose compile can be saved (a module-level function, the model reached through its
+    arguments; fewstep.acceleration.saved_compiles)."""
+    return call.call(function, {**flat.rebuild(tensors), **fixed})
+
+
 _SIGNATURES: dict = {}
 
 

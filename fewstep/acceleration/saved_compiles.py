@@ -1,0 +1,236 @@
+"""Compiled code saved to disk, so that a restarted server loads it instead of compiling again.
+
+Inductor's on-disk caches save the generated kernels, but not Dynamo's tracing of the model's Python,
+which is most of a compile with a warm cache (about 21 s of the SDXL UNet's 25 s on the H200). torch's
+ahead-of-time compile (`torch.compile(fullgraph=True).aot_compile`, saved by `save_compiled_function`,
+read back by `torch.compiler.load_compiled_function`) keeps the traced bytecode, the compiled graph and
+its guards in one file: loading it runs no Dynamo at all.
+
+What a saved compile is valid for is decided here, not by Dynamo's guards: only the guards that can
+be saved without the model's Python objects are kept (every tensor's shape, dtype, device and strides;
+the grad and autocast state; the dynamic batch size's range: torch's keep_portable_guards_unsafe).
+Everything else the trace depended on goes into the file's key: the model's module classes and
+parameter shapes, the call's constant arguments, ComfyUI's launch flags (they pick attention and cast
+functions), the versions of torch, Triton, ComfyUI and the pack, the GPU. And the source lines Dynamo
+traced are compared with the installed ones before a load: an updated ComfyUI or pack compiles again.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+log = logging.getLogger("fewstep.acceleration")
+
+# Saved compiles kept (newest used first); each is a few MB to tens of MB.
+MAX_SAVED = 64
+SUFFIX = ".fewstep-compiled"
+DIRECTORY_VARIABLE = "FEWSTEP_SAVED_COMPILES_DIR"
+FORMAT = 1  # the layout of a key and a file; a new one makes every older file unused
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedForm:
+    """A part's call as torch can save it compiled: a module-level `function(*leading, *tensors)`, the
+    objects passed before the tensors (the model, the call's layout), and what the compiled code is
+    specific to beyond the tensors' shapes (`identity`, JSON-able)."""
+
+    function: Callable[..., torch.Tensor]
+    leading: tuple
+    identity: dict
+
+
+def default_directory() -> Path:
+    """Beside Inductor's cache (its lifetime: a saved compile's kernels are loaded from there)."""
+    configured = os.environ.get(DIRECTORY_VARIABLE)
+    if configured:
+        return Path(configured)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir()) / "fewstep_saved_compiles"
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """Every submodule's class and every parameter's and buffer's name, shape and dtype, hashed."""
+    digest = hashlib.sha256()
+    for name, sub in module.named_modules():
+        digest.update(f"{name}:{type(sub).__module__}.{type(sub).__qualname__};".encode())
+    for kind, tensors in (("p", module.named_parameters()), ("b", module.named_buffers())):
+        for name, tensor in tensors:
+            digest.update(f"{kind}{name}:{tuple(tensor.shape)}:{tensor.dtype}:{tensor.device.type};".encode())
+    return digest.hexdigest()
+
+
+def describe_value(value: Any) -> Any:
+    """A JSON-able account of an argument the traced code may branch on: constants as they are,
+    containers item by item, anything else by its type."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):  # its shape and dtype are in the saved guards
+        return "tensor"
+    if isinstance(value, (list, tuple)):
+        return [type(value).__name__, [describe_value(item) for item in value]]
+    if isinstance(value, dict):
+        return ["dict", sorted((str(key), describe_value(item)) for key, item in value.items())]
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return ["object", f"{type(value).__module__}.{type(value).__qualname__}"]
+
+
+def environment() -> dict:
+    """What compiled code depends on outside the model: the library versions and the GPU."""
+    versions = {"torch": torch.__version__, "format": FORMAT}
+    for name in ("triton", "comfyui_version"):
+        try:
+            versions[name] = getattr(importlib.import_module(name), "__version__", "?")
+        except ImportError:
+            versions[name] = None
+    if torch.cuda.is_available():
+        versions["gpu"] = [torch.cuda.get_device_name(), list(torch.cuda.get_device_capability())]
+    return versions
+
+
+def compile_key(form: SavedForm, inputs: Sequence[torch.Tensor | None], dynamic_batch: bool, backend: str) -> str:
+    """The file name of a compile of `form` for `inputs` under the current modes and environment."""
+    description = {
+        "function": f"{form.function.__module__}.{form.function.__qualname__}",
+        "identity": form.identity,
+        "inputs": [None if x is None else [list(x.shape), list(x.stride()), str(x.dtype), x.device.type]
+                   for x in inputs],
+        "dynamic_batch": dynamic_batch,
+        "backend": backend,
+        "modes": [torch.is_grad_enabled(), torch.is_inference_mode_enabled()],
+        "environment": environment(),
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True, default=repr).encode()).hexdigest()[:40]
+
+
+def changed_sources(compiled) -> list[str]:
+    """The traced functions whose installed source differs from what was traced (module:first line)."""
+    changed = []
+    for source in compiled.source_info().inlined_sources:
+        try:
+            lines = inspect.getsourcelines(importlib.import_module(source.module))[0]
+            now = "".join(lines[source.firstlineno - 1:source.lastlineno - 1])
+        except (ImportError, OSError, TypeError):
+            now = None
+        if now is None or hashlib.sha256(now.encode()).hexdigest() != source.checksum:
+            changed.append(f"{source.module}:{source.firstlineno}")
+    return sorted(changed)
+
+
+_ATOMS = (torch.dtype, torch.device, str, bytes, int, float, bool, type(None))
+
+
+class _AtomsKept(dict):
+    def __setitem__(self, key, value):
+        if not isinstance(value, _ATOMS):
+            super().__setitem__(key, value)
+
+
+@contextlib.contextmanager
+def dtypes_kept_in_saved_guards():
+    """While saving guards: torch's guard pickler replaces a module attribute no guard reads with a
+    "missing" marker, by the object's id — and so also every other use of that object. A model's
+    `dtype` attribute is the torch.float16 object itself, which the saved tensors' metadata also
+    needs; marked missing, the file cannot be loaded ("argument 'dtype' must be torch.dtype, not
+    _Missing"). Atoms (dtypes, devices, numbers, strings) are never marked: they cost nothing to keep."""
+    from torch._dynamo import guards
+
+    pickler = guards.GuardsStatePickler
+    initialise = pickler.__init__
+
+    def keeping_atoms(self, *args, **kwargs):
+        initialise(self, *args, **kwargs)
+        kept = _AtomsKept()
+        for key, value in self.missing_values.items():
+            kept[key] = value
+        self.missing_values = kept
+
+    pickler.__init__ = keeping_atoms
+    try:
+        yield
+    finally:
+        pickler.__init__ = initialise
+
+
+def aot_compile(form: SavedForm, inputs: Sequence[torch.Tensor | None], backend: str, options: dict | None,
+                dynamic: bool | None):
+    """`form.function` compiled ahead of time for (*form.leading, *inputs): a saveable compiled function.
+
+    Raises where it cannot be: a graph break (fullgraph), a guard or object that cannot be saved."""
+    compile_options = {**(options or {}), "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe}
+    compiled = torch.compile(form.function, backend=backend, fullgraph=True, dynamic=dynamic,
+                             options=compile_options)
+    with dtypes_kept_in_saved_guards():
+        function = compiled.aot_compile(((*form.leading, *inputs), {}))
+    function.disable_guard_check()  # checked by the caller, which says what a refusal means
+    return function
+
+
+def refusal(function, args: Sequence) -> str | None:
+    """Why `function`'s saved guards refuse `args` (the first failing guard), or None where they accept."""
+    if function.guard_check(*args):
+        return None
+    try:  # torch's own account of the failing guard (not public API: fall back to a plain statement)
+        failure = function._artifacts.guard_manager.check_verbose(function.prepare_f_locals(*args))
+        return f"its guards refuse this call ({'; '.join(failure.verbose_code_parts)[:300]})"
+    except Exception:
+        return "its guards refuse this call"
+
+
+class SavedCompiles:
+    """A folder of saved compiles by key; the newest MAX_SAVED kept."""
+
+    def __init__(self, directory: Path | str | None = None, max_saved: int = MAX_SAVED):
+        self.directory = Path(directory) if directory is not None else None
+        self.max_saved = max_saved
+
+    def path(self, key: str) -> Path:
+        if self.directory is None:
+            self.directory = default_directory()
+        return self.directory / f"{key}{SUFFIX}"
+
+    def load(self, key: str):
+        """(the compiled function, None) or (None, why not: missing, stale or unreadable)."""
+        path = self.path(key)
+        if not path.exists():
+            return None, "none saved"
+        try:
+            with open(path, "rb") as file:
+                function = torch.compiler.load_compiled_function(file)
+        except Exception as error:  # written by another torch, truncated, …: compiled again and replaced
+            path.unlink(missing_ok=True)
+            return None, f"the saved file could not be read ({type(error).__name__}: {str(error)[:200]})"
+        changed = changed_sources(function)
+        if changed:
+            return None, (f"the code it traced has changed since it was saved ({', '.join(changed[:3])}"
+                          f"{', …' if len(changed) > 3 else ''})")
+        function.disable_guard_check()
+        os.utime(path)  # recently used: kept longest
+        return function, None
+
+    def save(self, key: str, function) -> Path:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        function.save_compiled_function(str(path))
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        files = sorted(self.directory.glob(f"*{SUFFIX}"), key=lambda file: file.stat().st_mtime, reverse=True)
+        for old in files[self.max_saved:]:
+            old.unlink(missing_ok=True)
+
+
+STORE = SavedCompiles()
+

@@ -1,0 +1,222 @@
+"""Compiles saved to disk (fewstep.acceleration.saved_compiles): a later run loads them without tracing,
+and refuses them, saying why, where they no longer fit (changed code, an unreadable file, other shapes).
+
+Real torch.compile throughout (`aot_eager`: Dynamo and AOTAutograd, no kernel generation, so the files
+are what torch writes and reads); a "restart" is Dynamo's caches reset and a new job, as after a new
+process (the GPU check restarts a real server, bench/server_bench.py)."""
+from __future__ import annotations
+
+import importlib
+import linecache
+import logging
+import sys
+
+import pytest
+import torch
+
+from graphs import SEED
+from test_acceleration import accelerated_prompt, loaded_node_module
+from test_capture_failures import capture_fails_for_compiled_kernels, reseeded  # noqa: F401 — a fixture
+
+from comfyui_fewstep.fewstep.acceleration import agreement
+from comfyui_fewstep.fewstep.acceleration.background import CompileJob, CompiledCodeNotUsed
+from comfyui_fewstep.fewstep.acceleration.saved_compiles import SUFFIX, SavedCompiles, SavedForm
+
+MODEL_SOURCE = '''
+import torch
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.linear(x)) * SCALE
+
+
+def call(model, x):
+    return model(x) + 1
+'''
+
+
+@pytest.fixture
+def model_module(tmp_path, monkeypatch):
+    """A model in a module file of its own, so that a test can change its source as an update would."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "saved_compile_model.py").write_text(MODEL_SOURCE.replace("SCALE", "2.0"))
+    monkeypatch.syspath_prepend(str(folder))
+    sys.modules.pop("saved_compile_model", None)
+    module = importlib.import_module("saved_compile_model")
+    yield module
+    sys.modules.pop("saved_compile_model", None)
+
+
+def job_for(module, model, x, store, dynamic_batch=False) -> CompileJob:
+    form = SavedForm(module.call, (model,), {"model": "block"})
+    with torch.inference_mode():  # as on ComfyUI's prompt thread, which hands the worker its jobs
+        return CompileJob(lambda x: module.call(model, x), [x], "aot_eager", dynamic_batch=dynamic_batch,
+                          saved_form=form, store=store)
+
+
+def run_job(job: CompileJob) -> CompileJob:
+    with torch.inference_mode():
+        job.run()
+    assert job.error is None, job.error
+    return job
+
+
+def frames_traced() -> int:
+    return torch._dynamo.utils.counters["frames"]["total"]
+
+
+def test_a_compile_is_saved_then_loaded_without_tracing(model_module, tmp_path):
+    store = SavedCompiles(tmp_path / "saved")
+    model = model_module.Block()
+    with torch.inference_mode():
+        x = torch.randn(2, 8)
+        expected = model_module.call(model, x)
+    first = run_job(job_for(model_module, model, x, store))
+    assert first.saved_path is not None and first.saved_path.exists() and not first.loaded
+    assert first.save_problem is None and first.load_problem is None
+
+    torch._dynamo.reset()  # what a new process starts with
+    traced_before = frames_traced()
+    second = run_job(job_for(model_module, model, x, store))
+    assert second.loaded and second.saved_path is None
+    with torch.inference_mode():
+        output = second.runnable()(x.clone())
+    assert frames_traced() == traced_before  # Dynamo traced nothing: the saved code ran
+    assert second.compiled_runs == 3  # the worker's two runs and this one
+    assert agreement(output, expected, tolerance=1e-6).within_tolerance
+
+    # Another shape: the saved guards refuse it, as the graph cache needs to be told.
+    with torch.inference_mode(), pytest.raises(CompiledCodeNotUsed):
+        second.runnable()(torch.randn(3, 8))
+
+
+def test_a_saved_compile_whose_code_changed_is_compiled_again(model_module, tmp_path):
+    store = SavedCompiles(tmp_path / "saved")
+    model = model_module.Block()
+    with torch.inference_mode():
+        x = torch.randn(2, 8)
+    run_job(job_for(model_module, model, x, store))
+
+    # An update changes the traced source (the scale): the saved compile must not be used.
+    path = model_module.__file__
+    with open(path, "w") as file:
+        file.write(MODEL_SOURCE.replace("SCALE", "3.0"))
+    linecache.checkcache(path)
+    updated = importlib.reload(model_module)
+    model.__class__ = updated.Block
+    torch._dynamo.reset()
+    again = run_job(job_for(updated, model, x, store))
+    assert not again.loaded and "the code it traced has changed since it was saved" in again.load_problem
+    assert "saved_compile_model:" in again.load_problem
+    with torch.inference_mode():
+        assert agreement(again.runnable()(x.clone()), updated.call(model, x), tolerance=1e-6).within_tolerance
+    assert again.saved_path is not None  # replaced by the new compile
+
+
+def test_an_unreadable_saved_compile_is_replaced(model_module, tmp_path):
+    store = SavedCompiles(tmp_path / "saved")
+    model = model_module.Block()
+    with torch.inference_mode():
+        x = torch.randn(2, 8)
+    path = run_job(job_for(model_module, model, x, store)).saved_path
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # cut short, as by a full disk
+    torch._dynamo.reset()
+    again = run_job(job_for(model_module, model, x, store))
+    assert not again.loaded and again.load_problem.startswith("the saved file could not be read")
+    assert again.saved_path == path and path.stat().st_size > 0
+    torch._dynamo.reset()
+    assert run_job(job_for(model_module, model, x, store)).loaded
+
+
+def test_a_dynamic_batch_compile_is_loaded_for_other_batch_sizes(model_module, tmp_path):
+    store = SavedCompiles(tmp_path / "saved")
+    model = model_module.Block()
+    with torch.inference_mode():
+        x2, x5 = torch.randn(2, 8), torch.randn(5, 8)
+    run_job(job_for(model_module, model, x2, store, dynamic_batch=True))
+    torch._dynamo.reset()
+    loaded = run_job(job_for(model_module, model, x2, store, dynamic_batch=True))
+    assert loaded.loaded
+    with torch.inference_mode():
+        assert agreement(loaded.runnable()(x5), model_module.call(model, x5), tolerance=1e-6).within_tolerance
+
+
+def test_only_the_newest_saved_compiles_are_kept(model_module, tmp_path):
+    store = SavedCompiles(tmp_path / "saved", max_saved=2)
+    model = model_module.Block()
+    for batch in (2, 3, 4):
+        with torch.inference_mode():
+            run_job(job_for(model_module, model, torch.randn(batch, 8), store))
+    assert len(list((tmp_path / "saved").glob(f"*{SUFFIX}"))) == 2
+
+
+def test_a_restarted_node_loads_the_unet_and_decoder_compiles_its_first_run_saved(
+        comfy, sd15, capture_fails_for_compiled_kernels, monkeypatch, tmp_path, caplog):  # noqa: F811
+    """Through ComfyUI: the first node compiles both parts in the background and saves them; after
+    Dynamo's caches are reset (a new process), a new node's compile jobs load them, trace nothing, and
+    the prompt agrees with eager."""
+    stand_in = capture_fails_for_compiled_kernels
+    stand_in.compiled_capture_fails = False
+    background = sys.modules[stand_in.graphs_module.CompileJob.__module__]
+    monkeypatch.setattr(background.STORE, "directory", tmp_path / "saved")
+    # The attention ComfyUI picks on a CUDA GPU: its CPU choice asks psutil for free memory inside the
+    # UNet, which no whole-graph compile can trace (so the UNet's compile would not be saved).
+    import comfy.ldm.modules.attention as attention
+    import comfy.ldm.modules.diffusionmodules.model as vae_model
+
+    monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+    monkeypatch.setattr(attention, "optimized_attention_masked", attention.attention_pytorch)
+    monkeypatch.setattr(vae_model, "vae_attention", lambda: vae_model.pytorch_attention)
+
+    def until_compiled(seed, max_shapes):
+        def prompt(seed):
+            built = reseeded(accelerated_prompt(sd15, "lcm", 2, accelerate=True), seed)
+            built["accel"]["inputs"]["max_shapes"] = max_shapes  # a new node: ComfyUI runs it again
+            return built
+
+        comfy.run(prompt(seed))
+        assert background.WORKER.wait_until_idle(timeout=300)
+        return comfy.run(prompt(seed + 1))
+
+    with caplog.at_level(logging.INFO, logger="fewstep.acceleration"):
+        until_compiled(SEED, max_shapes=3)
+        saved = sorted((tmp_path / "saved").glob(f"*{SUFFIX}"))
+        assert len(saved) == 2  # the UNet's and the decoder's
+        first_messages = [r.getMessage() for r in caplog.records if r.name == "fewstep.acceleration"]
+        caplog.clear()
+        torch._dynamo.reset()
+        traced_before = frames_traced()
+        result = until_compiled(SEED + 10, max_shapes=5)
+        traced = frames_traced() - traced_before
+    messages = [r.getMessage() for r in caplog.records if r.name == "fewstep.acceleration"]
+    for part in ("UNet", "VAE decode"):
+        assert any(m.startswith(f"FewStepAccelerate: captured {part} CUDA graph") and "saved on disk for a restart"
+                   in m for m in first_messages), part
+        assert any(m.startswith(f"FewStepAccelerate: captured {part} CUDA graph")
+                   and "loaded from the compile saved on disk in" in m and "without tracing" in m
+                   for m in messages), part
+    assert not any("not saved" in m or "is not used" in m for m in first_messages + messages)
+    assert traced == 0  # nothing compiled by Dynamo after the "restart"
+    assert sorted((tmp_path / "saved").glob(f"*{SUFFIX}")) == saved
+    eager = comfy.run(reseeded(accelerated_prompt(sd15, "lcm", 2, accelerate=False), SEED + 11))
+    assert agreement(result.latent("save"), eager.latent("save"), tolerance=1e-5).within_tolerance
+
+
+def test_the_model_call_form_keeps_other_packs_wrappers_by_not_saving(comfy):
+    """Where another pack's wrapper runs after Few-Step Accelerate's, the saved form (which calls the
+    model function itself) would leave it out: such calls are compiled as before, not saved."""
+    from comfy.patcher_extension import WrapperExecutor
+
+    node_module = loaded_node_module(comfy)
+    innermost = node_module.innermost
+    ours = lambda executor, *args: executor(*args)  # noqa: E731
+    theirs = lambda executor, *args: executor(*args)  # noqa: E731
+    assert innermost(WrapperExecutor.new_executor(print, [ours], idx=0))
+    assert not innermost(WrapperExecutor.new_executor(print, [ours, theirs], idx=0))
+    assert innermost(WrapperExecutor.new_executor(print, [theirs, ours], idx=1))
