@@ -169,8 +169,13 @@ def aot_compile(form: SavedForm, inputs: Sequence[torch.Tensor | None], backend:
 
     Raises where it cannot be: a graph break (fullgraph), a guard or object that cannot be saved."""
     compile_options = {**(options or {}), "guard_filter_fn": torch.compiler.keep_portable_guards_unsafe}
-    compiled = torch.compile(form.function, backend=backend, fullgraph=True, dynamic=dynamic,
-                             options=compile_options)
+    # torch 2.11 offers aot_compile on a compiled function only with this switch on (later ones always).
+    switch = {"enable_aot_compile": True} if hasattr(torch._dynamo.config, "enable_aot_compile") else {}
+    with torch._dynamo.config.patch(**switch):
+        compiled = torch.compile(form.function, backend=backend, fullgraph=True, dynamic=dynamic,
+                                 options=compile_options)
+    if not hasattr(compiled, "aot_compile"):
+        raise RuntimeError(f"this torch ({torch.__version__}) has no ahead-of-time compile of functions")
     with dtypes_kept_in_saved_guards():
         function = compiled.aot_compile(((*form.leading, *inputs), {}))
     function.disable_guard_check()  # checked by the caller, which says what a refusal means
