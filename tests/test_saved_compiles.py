@@ -225,13 +225,13 @@ def test_the_model_call_form_keeps_other_packs_wrappers_by_not_saving(comfy):
 def test_the_key_leaves_out_the_server_flags_no_model_code_reads(comfy, monkeypatch):
     """A restarted server listens on another port or writes to another folder: its saved compiles must
     still be found; a flag that changes the model code (the attention) must find others."""
-    import comfy.cli_args
+    from comfy.cli_args import args
 
     node_module = loaded_node_module(comfy)
     before = node_module.comfyui_settings()
-    monkeypatch.setattr(comfy.cli_args.args, "port", comfy.cli_args.args.port + 1)
-    monkeypatch.setattr(comfy.cli_args.args, "output_directory", "/elsewhere")
-    monkeypatch.setattr(comfy.cli_args.args, "disable_cuda_malloc", not comfy.cli_args.args.disable_cuda_malloc)
+    monkeypatch.setattr(args, "port", args.port + 1)
+    monkeypatch.setattr(args, "output_directory", "/elsewhere")
+    monkeypatch.setattr(args, "disable_cuda_malloc", not args.disable_cuda_malloc)
     assert node_module.comfyui_settings() == before
-    monkeypatch.setattr(comfy.cli_args.args, "use_sage_attention", not comfy.cli_args.args.use_sage_attention)
+    monkeypatch.setattr(args, "use_sage_attention", not args.use_sage_attention)
     assert node_module.comfyui_settings() != before
