@@ -229,6 +229,7 @@ def main(argv=None) -> int:
     parser.add_argument("--frontend-stand-in", action="store_true",
                         help="supply an empty comfyui_frontend_package where it is not installed")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # main.py runs in ComfyUI's folder
     comfyui = find_comfyui()
     if comfyui is None:
         print(COMFYUI_MISSING.replace("ComfyUI-bound tests skipped", "nothing to check"), file=sys.stderr)
