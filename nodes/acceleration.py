@@ -352,7 +352,8 @@ class FewStepAccelerate(io.ComfyNode):
                        "times go to the log.")
             if backend:
                 message += (" torch.compile compiles each new size in the background (minutes for SDXL) while "
-                            "it runs on the eager kernels' graph; later runs use the compiled graph.")
+                            "it runs on the eager kernels' graph; later runs use the compiled graph. Compiles are "
+                            "saved to disk: after a restart they load in seconds.")
             if compile_reason:
                 message += f" Not compiled: {compile_reason}."
         return io.NodeOutput(accelerated, accelerated_vae, ui=ui.PreviewText(message))
