@@ -235,3 +235,27 @@ def test_the_key_leaves_out_the_server_flags_no_model_code_reads(comfy, monkeypa
     assert node_module.comfyui_settings() == before
     monkeypatch.setattr(args, "use_sage_attention", not args.use_sage_attention)
     assert node_module.comfyui_settings() != before
+
+
+def test_the_worker_loads_a_saved_compile_without_waiting_for_the_prompt_to_end(model_module, tmp_path):
+    """A compile waits for a quiet second after the prompt's runs (its tracing would slow them); loading a
+    saved one traces nothing and starts while the prompt still runs."""
+    from comfyui_fewstep.fewstep.acceleration.background import ACTIVITY, QUIET_SECONDS, CompileWorker
+
+    store = SavedCompiles(tmp_path / "saved")
+    model = model_module.Block()
+    with torch.inference_mode():
+        x = torch.randn(2, 8)
+    first = job_for(model_module, model, x, store)
+    assert not first.saved_on_disk()
+    run_job(first)
+    torch._dynamo.reset()
+    worker = CompileWorker()
+    with ACTIVITY.run():  # a prompt is running
+        job = worker.submit(job_for(model_module, model, x, store))
+        assert job.saved_on_disk()
+        assert worker.wait_until_idle(timeout=60)
+        assert job.loaded and job.error is None
+        fresh = worker.submit(job_for(model_module, model, torch.randn(3, 8), store))  # nothing saved: waits
+        assert not worker.wait_until_idle(timeout=QUIET_SECONDS + 0.5) and not fresh.done()
+    assert worker.wait_until_idle(timeout=120) and fresh.saved_path is not None

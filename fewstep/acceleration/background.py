@@ -118,6 +118,8 @@ class CompileJob:
         self.saved_form = saved_form if isinstance(backend, str) else None
         self.backend_name = backend if isinstance(backend, str) else None
         self.store = store if store is not None else STORE
+        self.key = (compile_key(self.saved_form, self.inputs, self.dynamic_batch, self.backend_name)
+                    if self.saved_form is not None else None)
         self.saved = None  # the ahead-of-time compiled function, loaded or compiled here
         self.loaded = False  # it was loaded from disk
         self.saved_path = None  # where it was saved for later servers
@@ -180,8 +182,7 @@ class CompileJob:
     def _compile_saved(self) -> None:
         """`saved`: loaded from disk, or compiled ahead of time and saved; left None where torch cannot
         (a graph break, an object it cannot save), for the usual compile to run."""
-        form = self.saved_form
-        key = compile_key(form, self.inputs, self.dynamic_batch, self.backend_name)
+        form, key = self.saved_form, self.key
         function, why = self.store.load(key)
         if function is not None:
             why = refusal(function, (*form.leading, *unmarked(self.inputs)))
@@ -204,6 +205,10 @@ class CompileJob:
             self.saved_path = self.store.save(key, function)
         except Exception as error:  # a full disk, a read-only folder: used now, compiled again next time
             self.save_problem = f"saving it failed ({first_line(error)})"
+
+    def saved_on_disk(self) -> bool:
+        """Whether a compile saved for this call is there to load (its fit is checked when loading)."""
+        return self.key is not None and self.store.path(self.key).exists()
 
     def runnable(self) -> Callable[..., torch.Tensor]:
         """The compiled function as the prompt thread calls it: compiled code only, never a compile."""
@@ -301,7 +306,11 @@ class CompileWorker:
         while True:
             job = self._queue.get()
             try:
-                ACTIVITY.wait_until_quiet(QUIET_SECONDS)
+                # Loading a saved compile traces nothing (the tracing is what slowed a running prompt), so it
+                # starts at once: a restarted server's first prompt is still running while it loads.
+                saved_on_disk = getattr(job, "saved_on_disk", None)
+                if not (callable(saved_on_disk) and saved_on_disk()):
+                    ACTIVITY.wait_until_quiet(QUIET_SECONDS)
                 with self._running, shorter_switch_interval(COMPILE_SWITCH_INTERVAL_S):
                     job.run()
             finally:
