@@ -147,13 +147,18 @@ def test_a_dynamic_batch_compile_is_loaded_for_other_batch_sizes(model_module, t
         assert agreement(loaded.runnable()(x5), model_module.call(model, x5), tolerance=1e-6).within_tolerance
 
 
-def test_only_the_newest_saved_compiles_are_kept(model_module, tmp_path):
-    store = SavedCompiles(tmp_path / "saved", max_saved=2)
+def test_the_saved_compiles_take_at_most_the_disk_allowed_the_most_recently_used_kept(model_module, tmp_path):
     model = model_module.Block()
-    for batch in (2, 3, 4):
-        with torch.inference_mode():
-            run_job(job_for(model_module, model, torch.randn(batch, 8), store))
-    assert len(list((tmp_path / "saved").glob(f"*{SUFFIX}"))) == 2
+    one = run_job(job_for(model_module, model, torch.randn(2, 8), SavedCompiles(tmp_path / "saved")))
+    size = one.saved_path.stat().st_size
+    store = SavedCompiles(tmp_path / "saved", max_bytes=int(2.5 * size))  # room for two
+    two = run_job(job_for(model_module, model, torch.randn(3, 8), store))
+    torch._dynamo.reset()
+    assert run_job(job_for(model_module, model, torch.randn(2, 8), store)).loaded  # batch 2 used again
+    three = run_job(job_for(model_module, model, torch.randn(4, 8), store))
+    kept = sorted((tmp_path / "saved").iterdir())
+    assert kept == sorted([one.saved_path, three.saved_path])  # batch 3's, least recently used, went
+    assert not two.saved_path.exists()
 
 
 def test_a_restarted_node_loads_the_unet_and_decoder_compiles_its_first_run_saved(

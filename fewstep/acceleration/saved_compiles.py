@@ -31,8 +31,9 @@ import torch
 
 log = logging.getLogger("fewstep.acceleration")
 
-# Saved compiles kept (newest used first); each is a few MB to tens of MB.
-MAX_SAVED = 64
+# The disk the saved compiles may take together, the most recently used kept: an SDXL size (UNet and VAE
+# decode) takes about 77 MB, so about 26 sizes.
+MAX_SAVED_BYTES = 2 * 1024**3
 SUFFIX = ".fewstep-compiled"
 DIRECTORY_VARIABLE = "FEWSTEP_SAVED_COMPILES_DIR"
 FORMAT = 1  # the layout of a key and a file; a new one makes every older file unused
@@ -194,11 +195,11 @@ def refusal(function, args: Sequence) -> str | None:
 
 
 class SavedCompiles:
-    """A folder of saved compiles by key; the newest MAX_SAVED kept."""
+    """A folder of saved compiles by key; the most recently used kept, up to `max_bytes` together."""
 
-    def __init__(self, directory: Path | str | None = None, max_saved: int = MAX_SAVED):
+    def __init__(self, directory: Path | str | None = None, max_bytes: int = MAX_SAVED_BYTES):
         self.directory = Path(directory) if directory is not None else None
-        self.max_saved = max_saved
+        self.max_bytes = max_bytes
 
     def path(self, key: str) -> Path:
         if self.directory is None:
@@ -227,14 +228,23 @@ class SavedCompiles:
     def save(self, key: str, function) -> Path:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        function.save_compiled_function(str(path))
-        self._prune()
+        # Written beside it and renamed into place: another server sharing the folder never reads half a file.
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            function.save_compiled_function(str(partial))
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        self._prune(keep=path)
         return path
 
-    def _prune(self) -> None:
+    def _prune(self, keep: Path) -> None:
         files = sorted(self.directory.glob(f"*{SUFFIX}"), key=lambda file: file.stat().st_mtime, reverse=True)
-        for old in files[self.max_saved:]:
-            old.unlink(missing_ok=True)
+        total = 0
+        for file in files:
+            total += file.stat().st_size
+            if total > self.max_bytes and file != keep:
+                file.unlink(missing_ok=True)
 
 
 STORE = SavedCompiles()
