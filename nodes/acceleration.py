@@ -245,11 +245,17 @@ SETTINGS_OUTSIDE_MODEL_CODE = frozenset({
 
 
 def comfyui_settings() -> dict:
-    """ComfyUI's launch flags that choose the attention, cast and memory functions the model code calls."""
+    """ComfyUI's version, and its launch flags that choose the attention, cast and memory functions the
+    model code calls."""
     import comfy.cli_args
 
-    return {name: describe_value(value) for name, value in sorted(vars(comfy.cli_args.args).items())
-            if name not in SETTINGS_OUTSIDE_MODEL_CODE}
+    try:
+        from comfyui_version import __version__ as version
+    except ImportError:
+        version = None
+    flags = {name: describe_value(value) for name, value in sorted(vars(comfy.cli_args.args).items())
+             if name not in SETTINGS_OUTSIDE_MODEL_CODE}
+    return {"version": version, "flags": flags}
 
 
 def decoder_for_compiler(first_stage_model: torch.nn.Module) -> torch.nn.Module:

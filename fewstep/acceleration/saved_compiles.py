@@ -10,9 +10,10 @@ What a saved compile is valid for is decided here, not by Dynamo's guards: only 
 be saved without the model's Python objects are kept (every tensor's shape, dtype, device and strides;
 the grad and autocast state; the dynamic batch size's range: torch's keep_portable_guards_unsafe).
 Everything else the trace depended on goes into the file's key: the model's module classes and
-parameter shapes, the call's constant arguments, ComfyUI's launch flags (they pick attention and cast
-functions), the versions of torch, Triton, ComfyUI and the pack, the GPU. And the source lines Dynamo
-traced are compared with the installed ones before a load: an updated ComfyUI or pack compiles again.
+parameter shapes, the call's constant arguments, ComfyUI's version and launch flags (they pick attention
+and cast functions), the versions of torch and Triton, the GPU. And the source lines Dynamo traced (the
+model's, ComfyUI's and this pack's) are compared with the installed ones before a load: an updated ComfyUI
+or pack compiles again.
 """
 from __future__ import annotations
 
@@ -22,14 +23,11 @@ import hashlib
 import importlib
 import inspect
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-
-log = logging.getLogger("fewstep.acceleration")
 
 # The disk the saved compiles may take together, the most recently used kept: an SDXL size (UNet and VAE
 # decode) takes about 77 MB, so about 26 sizes.
@@ -88,13 +86,13 @@ def describe_value(value: Any) -> Any:
 
 
 def environment() -> dict:
-    """What compiled code depends on outside the model: the library versions and the GPU."""
+    """What compiled code depends on outside the model: torch's and Triton's versions and the GPU (the
+    caller's identity holds the rest: ComfyUI's version and flags)."""
     versions = {"torch": torch.__version__, "format": FORMAT}
-    for name in ("triton", "comfyui_version"):
-        try:
-            versions[name] = getattr(importlib.import_module(name), "__version__", "?")
-        except ImportError:
-            versions[name] = None
+    try:
+        versions["triton"] = importlib.import_module("triton").__version__
+    except (ImportError, AttributeError):
+        versions["triton"] = None
     if torch.cuda.is_available():
         versions["gpu"] = [torch.cuda.get_device_name(), list(torch.cuda.get_device_capability())]
     return versions
