@@ -253,3 +253,35 @@ def test_weight_snapshot_sees_every_way_a_weight_can_leave_its_address():
     module, snapshot = fresh()
     module[1].running_mean = module[1].running_mean.clone()
     assert not snapshot.unchanged()
+
+
+def test_a_saved_form_that_cannot_be_made_leaves_the_usual_compile_and_the_prompt_running(monkeypatch):
+    """Making the saved form (the model's fingerprint, the call's identity) runs on the prompt's thread: if it
+    raises, the shape is still captured and compiled as before, not saved, and the log says so once."""
+    jobs = []
+
+    class Graph:
+        def __init__(self, function, inputs, module, pool, autotune, compiled=False, **kwargs):
+            self.compiled, self.autotuned, self.capture_seconds = compiled, autotune, 0.0
+            self.snapshot = WeightSnapshot(module)
+
+        def __call__(self, inputs):
+            return "plain"
+
+    class Worker:
+        def submit(self, job):
+            jobs.append(job)
+            return job
+
+    def saved_form():
+        raise ValueError("an option that cannot be described")
+
+    monkeypatch.setattr(graphs, "CapturedGraph", Graph)
+    monkeypatch.setattr(graphs, "WORKER", Worker())
+    monkeypatch.setattr(graphs, "CompileJob", lambda function, inputs, backend, dynamic_batch, **saving: saving)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    cache = GraphCache("UNet", compile_backend=COMPILE_BACKEND)
+    assert cache.run(("shape",), "eager function", [], torch.nn.Module(), saved_form=saved_form) == "plain"
+    assert jobs == [{}]  # compiled as before, without a saved form
+    assert any("compiles are not saved for a restart (ValueError: an option that cannot be described)" in said
+               for said in cache._said)

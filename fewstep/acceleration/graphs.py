@@ -55,6 +55,9 @@ class CapturedGraph:
         self.static_inputs = [None if x is None else x.clone() for x in inputs]
         self.snapshot = WeightSnapshot(module)
         self.compiled, self.autotuned = compiled, autotune
+        # Compiled code whose kernels the graph launches stays referenced while the graph lives (a saved
+        # compile loaded from disk is owned by no Dynamo cache).
+        self.code = function if compiled else None
         benchmark = torch.backends.cudnn.benchmark
         # cuDNN's benchmark mode times each convolution's algorithms for this shape during warm-up
         # and caches the choice, which the capture then records; it is switched back afterwards so
@@ -221,7 +224,12 @@ class GraphCache:
                      "sizes too", self.part, describe(signature), shared.batch)
             return
         dynamic = batch not in (None, 0, 1) and signature not in self.reuse_refused
-        saving = {"saved_form": saved_form()} if saved_form is not None else {}
+        saving = {}
+        if saved_form is not None:
+            try:
+                saving["saved_form"] = saved_form()
+            except Exception as error:  # compiled as before, not saved; the prompt goes on
+                self.say(f"{self.part}: compiles are not saved for a restart ({first_line(error)})")
         job = WORKER.submit(CompileJob(compiler_form() if compiler_form else function, inputs,
                                        self.compile_backend, dynamic_batch=dynamic, **saving))
         self.compiling[signature] = job
