@@ -32,6 +32,22 @@ class FinishedJob:
         pass
 
 
+def plain_graphs(captured: list):
+    """A CapturedGraph stand-in whose replays return "plain"; each capture appends (function, compiled,
+    autotune) to `captured`."""
+
+    class PlainGraph:
+        def __init__(self, function, inputs, module, pool, autotune, compiled=False, **kwargs):
+            captured.append((function, compiled, autotune))
+            self.compiled, self.autotuned, self.capture_seconds = compiled, autotune, 0.0
+            self.snapshot = WeightSnapshot(module)
+
+        def __call__(self, inputs):
+            return "plain"
+
+    return PlainGraph
+
+
 @pytest.mark.parametrize("compile_error, compiled_capture, plain, outputs, compiler_kept", [
     (None, None, None, ["plain", "plain", "compiled"], True),
     (CompileFailed("ValueError: no kernel"), None, None, ["plain", "plain", "plain"], True),  # stays on the plain graph
@@ -92,20 +108,11 @@ def test_graph_cache_captures_eager_kernels_at_once_and_the_compiled_code_when_r
 def test_graph_cache_without_compiling_autotunes_its_one_capture_and_submits_nothing(monkeypatch):
     captured = []
 
-    class Graph:
-        def __init__(self, function, inputs, module, pool, autotune, compiled=False, **kwargs):
-            captured.append((function, compiled, autotune))
-            self.compiled, self.autotuned, self.capture_seconds = compiled, autotune, 0.0
-            self.snapshot = WeightSnapshot(module)
-
-        def __call__(self, inputs):
-            return "plain"
-
     class Worker:
         def submit(self, job):
             raise AssertionError("nothing to compile")
 
-    monkeypatch.setattr(graphs, "CapturedGraph", Graph)
+    monkeypatch.setattr(graphs, "CapturedGraph", plain_graphs(captured))
     monkeypatch.setattr(graphs, "WORKER", Worker())
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     cache = GraphCache("UNet", autotune=True, compile_backend=None)
@@ -260,14 +267,6 @@ def test_a_saved_form_that_cannot_be_made_leaves_the_usual_compile_and_the_promp
     raises, the shape is still captured and compiled as before, not saved, and the log says so once."""
     jobs = []
 
-    class Graph:
-        def __init__(self, function, inputs, module, pool, autotune, compiled=False, **kwargs):
-            self.compiled, self.autotuned, self.capture_seconds = compiled, autotune, 0.0
-            self.snapshot = WeightSnapshot(module)
-
-        def __call__(self, inputs):
-            return "plain"
-
     class Worker:
         def submit(self, job):
             jobs.append(job)
@@ -276,7 +275,7 @@ def test_a_saved_form_that_cannot_be_made_leaves_the_usual_compile_and_the_promp
     def saved_form():
         raise ValueError("an option that cannot be described")
 
-    monkeypatch.setattr(graphs, "CapturedGraph", Graph)
+    monkeypatch.setattr(graphs, "CapturedGraph", plain_graphs([]))
     monkeypatch.setattr(graphs, "WORKER", Worker())
     monkeypatch.setattr(graphs, "CompileJob", lambda function, inputs, backend, dynamic_batch, **saving: saving)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
