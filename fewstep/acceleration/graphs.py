@@ -103,7 +103,6 @@ class CaptureRecord:
     compiled: bool = False
     compile_seconds: float | None = None  # in the background, before a compiled capture
     backend_seconds: float | None = None  # of compile_seconds, in AOTAutograd and Inductor (or their caches)
-    loaded: bool = False  # the compiled code was loaded from disk, saved by an earlier server
 
 
 @dataclass
@@ -332,8 +331,7 @@ class GraphCache:
     def _keep(self, signature, graph: CapturedGraph, job=None, reused_from: int | None = None) -> CapturedGraph:
         self.graphs[signature] = graph
         record = CaptureRecord(self.part, signature, graph.capture_seconds, graph.compiled,
-                               job.seconds if job else None, job.backend_seconds if job else None,
-                               bool(getattr(job, "loaded", False)))
+                               job.seconds if job else None, job.backend_seconds if job else None)
         self.captures.append(record)
         how = [what for what, used in (("compiled", graph.compiled), ("cuDNN autotuned", graph.autotuned)) if used]
         log.info("FewStepAccelerate: captured %s CUDA graph for %s in %.2f s%s; replayed for every later "
