@@ -104,12 +104,16 @@ class DiffusionModelAccelerator:
             # A copy: the compile worker may trace this function while ComfyUI goes on changing the
             # options it passes to later calls.
             options = dict(transformer_options)
+            # And the options as ComfyUI passed them, for a saved compile's key: the UNet writes its
+            # place (block, index, shapes) into the dict it is given, so `options` after a run differs
+            # from `options` before one, and the key must not depend on whether a run came first.
+            passed = dict(transformer_options)
 
             def forward(*tensors):
                 return call.call(executor, {**flat.rebuild(tensors), "control": None, "transformer_options": options})
 
             def saved_form():
-                return self.saved_form(executor, call, flat, options)
+                return self.saved_form(executor, call, flat, options, passed)
 
             output = self.graphs.run(signature, forward, flat.tensors, executor.class_obj,
                                      saved_form=saved_form if innermost(executor) else None)
@@ -119,15 +123,16 @@ class DiffusionModelAccelerator:
             self.graphs.eager(reason)
         return executor(*args, **kwargs)
 
-    def saved_form(self, executor, call: BoundCall, flat, options: dict) -> SavedForm:
+    def saved_form(self, executor, call: BoundCall, flat, options: dict, passed: dict) -> SavedForm:
         """The model call as a compile saved to disk takes it: the model function itself (this wrapper
-        is the innermost), everything the traced code may depend on besides the tensors in `identity`."""
+        is the innermost), everything the traced code may depend on besides the tensors in `identity`
+        (the transformer options as `passed` to the call)."""
         original = executor.original
         fixed = {"control": None, "transformer_options": options}
         identity = {"model": module_fingerprint(self.base_model.diffusion_model),
                     "function": f"{type(getattr(original, '__self__', None)).__qualname__}.{original.__name__}",
                     "parameters": [[parameter.name, str(parameter.kind)] for parameter in call.parameters],
-                    "layout": describe_value(flat.layout), "options": describe_value(options),
+                    "layout": describe_value(flat.layout), "options": describe_value(passed),
                     "comfyui": comfyui_settings()}
         return SavedForm(call_model_function, (original, call, flat, fixed), identity)
 

@@ -1,4 +1,4 @@
-"""FewStep's HTTP routes for the frontend (web/fewstep.js).
+"""FewStep's HTTP routes for the frontend (web/fewstep.js), and its hook on queued prompts.
 
 - GET /fewstep/families: each family's reference settings. The browser reads the defaults from here
   rather than keeping a copy of fewstep.families in JS, so a new family reaches the widgets and
@@ -6,6 +6,9 @@
 - GET /fewstep/detect?node=FewStepLoraLoader&name=FILE[&family=detect]: the settings the loader will
   report for that file when it runs (its name and safetensors metadata, read from the header only),
   so the widgets follow a file as soon as it is chosen.
+- On POST /prompt (PromptServer's on-prompt handlers): a prompt with Few-Step Accelerate compiling its
+  kernels starts reading the saved compiles ahead, once per process (fewstep.acceleration.background), so
+  that a restarted server's first prompt finds them read while it loads its checkpoint.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import logging
 import math
 import sys
 
+from ..fewstep.acceleration.background import read_ahead_saved_compiles
 from ..fewstep.detection import DETECT, resolve_settings
 from ..fewstep.families import ETA_FROM_FAMILY, FAMILIES, Family, FewStepInputError
 from ..fewstep.lora_layouts import read_safetensors_metadata
@@ -87,6 +91,21 @@ def detected_settings(node: str, file_name: str, family: str = DETECT) -> dict:
     return dataclasses.asdict(resolve_settings(family, file_name, metadata))
 
 
+def read_ahead_for_accelerated_prompts(json_data):
+    """On-prompt handler: start reading the saved compiles ahead where the prompt accelerates with compiled
+    kernels; returns the request unchanged (never raises: a queued prompt must not fail on it)."""
+    try:
+        prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
+        if isinstance(prompt, dict) and any(
+                isinstance(node, dict) and node.get("class_type") == "FewStepAccelerate"
+                and (node.get("inputs") or {}).get("compile_kernels", True) is not False
+                for node in prompt.values()):
+            read_ahead_saved_compiles()
+    except Exception:
+        log.warning("FewStep: reading the saved compiles ahead failed", exc_info=True)
+    return json_data
+
+
 def register_routes() -> bool:
     """Add the routes to ComfyUI's PromptServer, once; False where there is no server (in-process tests)."""
     global _registered
@@ -113,6 +132,7 @@ def register_routes() -> bool:
             return web.json_response({"error": str(error)}, status=400)
         return web.json_response({"settings": settings})
 
+    instance.add_on_prompt_handler(read_ahead_for_accelerated_prompts)
     _registered = True
     log.debug("FewStep: serving %s and %s", ROUTE, DETECT_ROUTE)
     return True

@@ -62,7 +62,7 @@ def capture_fails_for_compiled_kernels(comfy, monkeypatch):
     driver's error. The stand-in "replays" by running the function it was given."""
     node_module = loaded_node_module(comfy)
     graphs_module = sys.modules[node_module.GraphCache.__module__]
-    compiler_module = sys.modules[graphs_module.kernel_launches_by_address.__module__]
+    compiler_module = sys.modules[graphs_module.allocator_backend.__module__]
     attempts = []
 
     class CaptureStandIn:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 import linecache
 import logging
+import os
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ from test_capture_failures import capture_fails_for_compiled_kernels, reseeded  
 
 from comfyui_fewstep.fewstep.acceleration import agreement
 from comfyui_fewstep.fewstep.acceleration.background import CompileJob, CompiledCodeNotUsed
+from comfyui_fewstep.fewstep.acceleration.log_lines import compiles_pending
 from comfyui_fewstep.fewstep.acceleration.saved_compiles import SUFFIX, SavedCompiles, SavedForm
 
 MODEL_SOURCE = '''
@@ -161,6 +165,39 @@ def test_the_saved_compiles_take_at_most_the_disk_allowed_the_most_recently_used
     assert not two.saved_path.exists()
 
 
+def test_the_most_recently_used_compiles_are_read_ahead_and_used_once_without_tracing(model_module, tmp_path):
+    """A restarted server reads its latest saved compiles ahead (as a prompt is queued); a job for one of them
+    takes it from memory on the prompt's thread, traces nothing, and agrees with eager; others read from disk."""
+    store = SavedCompiles(tmp_path / "saved")
+    model = model_module.Block()
+    with torch.inference_mode():
+        x_old, x_new = torch.randn(2, 8), torch.randn(3, 8)
+    old, new = (run_job(job_for(model_module, model, x, store)) for x in (x_old, x_new))
+    os.utime(old.saved_path, (time.time() - 60, time.time() - 60))  # used before the other
+
+    torch._dynamo.reset()
+    restarted = SavedCompiles(tmp_path / "saved")
+    assert restarted.preload_recent(count=1) == [new.key]
+    assert restarted.preload_recent(count=1) == []  # once per process
+    traced_before = frames_traced()
+    job = job_for(model_module, model, x_new, restarted)
+    assert restarted.expecting(job.key)
+    with torch.inference_mode():
+        assert job.use_preloaded(timeout=60)
+        output = job.runnable()(x_new.clone())
+        expected = model_module.call(model, x_new)
+    assert job.loaded and job.load_seconds is not None and job.error is None and job.saved_path is None
+    assert frames_traced() == traced_before
+    assert agreement(output, expected, tolerance=1e-6).within_tolerance
+    assert restarted.take_preloaded(job.key) is None and not restarted.expecting(job.key)  # taken once
+
+    other = job_for(model_module, model, x_old, restarted)  # not read ahead: read from disk by the worker
+    with torch.inference_mode():
+        assert not other.use_preloaded(timeout=0) and not other.done()
+    run_job(other)
+    assert other.loaded and other.load_seconds is None
+
+
 def test_a_restarted_node_loads_the_unet_and_decoder_compiles_its_first_run_saved(
         comfy, sd15, capture_fails_for_compiled_kernels, monkeypatch, tmp_path, caplog):  # noqa: F811
     """Through ComfyUI: the first node compiles both parts in the background and saves them; after
@@ -211,6 +248,45 @@ def test_a_restarted_node_loads_the_unet_and_decoder_compiles_its_first_run_save
     assert sorted((tmp_path / "saved").glob(f"*{SUFFIX}")) == saved
     eager = comfy.run(reseeded(accelerated_prompt(sd15, "lcm", 2, accelerate=False), SEED + 11))
     assert agreement(result.latent("save"), eager.latent("save"), tolerance=1e-5).within_tolerance
+
+    # Restarted again, with the saved compiles read ahead as the prompt is queued (the server's on-prompt
+    # hook): the first prompt's first call of each part captures the compiled code, with nothing before it.
+    for name, fresh in (("_preload_started", False), ("_preloading", {}), ("_preloaded", {})):
+        monkeypatch.setattr(background.STORE, name, fresh)
+    caplog.clear()
+    torch._dynamo.reset()
+    traced_before = frames_traced()
+    stand_in.attempts.clear()
+    with caplog.at_level(logging.INFO, logger="fewstep.acceleration"):
+        assert len(background.read_ahead_saved_compiles()) == 2
+        queued = reseeded(accelerated_prompt(sd15, "lcm", 2, accelerate=True), SEED + 11)
+        queued["accel"]["inputs"]["max_shapes"] = 6  # a new node: ComfyUI runs it again
+        first = comfy.run(queued)
+    messages = [r.getMessage() for r in caplog.records if r.name == "fewstep.acceleration"]
+    assert stand_in.attempts == ["compiled", "compiled"], messages  # no graph of the eager kernels first
+    for part in ("UNet", "VAE decode"):
+        assert any(m.startswith(f"FewStepAccelerate: captured {part} CUDA graph") and "read ahead as the prompt "
+                   "was queued, used from the shape's first call, without tracing" in m for m in messages), part
+    assert not any("compiles it in the background" in m for m in messages)
+    assert compiles_pending("\n".join(messages)) == 0  # what the server benches wait on reads these lines
+    assert frames_traced() == traced_before
+    assert agreement(first.latent("save"), eager.latent("save"), tolerance=1e-5).within_tolerance
+
+
+def test_a_queued_accelerated_prompt_reads_the_saved_compiles_ahead_through_main_py(comfy_server, server_sd15):
+    """Through a real main.py: the pack's on-prompt hook starts the reading as a prompt with Few-Step
+    Accelerate is queued. Seen from outside by a file that cannot be read: the reading deletes it."""
+    folder = Path(os.environ["FEWSTEP_SAVED_COMPILES_DIR"])  # the server's too (inherited)
+    folder.mkdir(parents=True, exist_ok=True)
+    unreadable = folder / f"{'0' * 40}{SUFFIX}"
+    unreadable.write_bytes(b"not a compiled function")
+    comfy_server.run(reseeded(accelerated_prompt(server_sd15, "lcm", 2, accelerate=False), SEED))
+    assert unreadable.exists()  # no Few-Step Accelerate: nothing read
+    comfy_server.run(reseeded(accelerated_prompt(server_sd15, "lcm", 2, accelerate=True), SEED))
+    deadline = time.monotonic() + 60
+    while unreadable.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not unreadable.exists()
 
 
 def test_the_model_call_form_keeps_other_packs_wrappers_by_not_saving(comfy):

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 
 from .compiler import COMPILE_OPTIONS, compile_config
-from .saved_compiles import STORE, SavedForm, aot_compile, compile_key, refusal
+from .saved_compiles import PRELOAD_FILES, STORE, SavedForm, aot_compile, compile_key, refusal
 
 log = logging.getLogger("fewstep.acceleration")
 
@@ -46,6 +46,12 @@ QUIET_SECONDS = 1.0
 # tenth of one. A shorter interval costs the compiling thread little: it is asked to switch only when
 # another thread waits.
 COMPILE_SWITCH_INTERVAL_S = 0.0002
+# How long a prompt waits for a saved compile of its call that is being read ahead (a restarted server's
+# first prompt, SavedCompiles.preload_recent) before it captures the eager kernels instead: about what
+# that capture takes for the SDXL UNet, so waiting costs the first image little and saves the switch.
+PRELOAD_WAIT_S = 3.0
+# The worker, which has nothing better to do, waits for a reading in progress rather than reading twice.
+WORKER_PRELOAD_WAIT_S = 120.0
 
 
 class PromptActivity:
@@ -122,6 +128,8 @@ class CompileJob:
                     if self.saved_form is not None else None)
         self.saved = None  # the ahead-of-time compiled function, loaded or compiled here
         self.loaded = False  # it was loaded from disk
+        self.load_seconds: float | None = None  # where read ahead: the reading's time (before `seconds`)
+        self.first_call = False  # read ahead and used at the shape's first call, on the prompt thread
         self.saved_path = None  # where it was saved for later servers
         self.save_problem: str | None = None  # why it was not saved (the usual compile ran instead)
         self.load_problem: str | None = None  # why a file saved for this call was not used
@@ -163,7 +171,7 @@ class CompileJob:
                 with (torch.inference_mode(self.inference_mode), torch.set_grad_enabled(self.grad_enabled),
                       torch._dynamo.config.patch(**compile_config()),
                       torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
-                    if self.saved_form is not None:
+                    if self.saved_form is not None and self.saved is None:
                         self._compile_saved()
                     compiled, inputs = self.compiled, self.inputs
                     if self.saved is not None:  # called as the prompt thread will: on unmarked tensors
@@ -183,7 +191,11 @@ class CompileJob:
         """`saved`: loaded from disk, or compiled ahead of time and saved; left None where torch cannot
         (a graph break, an object it cannot save), for the usual compile to run."""
         form, key = self.saved_form, self.key
-        function, why = self.store.load(key)
+        taken = self.store.take_preloaded(key, WORKER_PRELOAD_WAIT_S)
+        if taken is not None:
+            (function, self.load_seconds), why = taken, None
+        else:
+            function, why = self.store.load(key)
         if function is not None:
             why = refusal(function, (*form.leading, *unmarked(self.inputs)))
             function = function if why is None else None
@@ -205,6 +217,25 @@ class CompileJob:
             self.saved_path = self.store.save(key, function)
         except Exception as error:  # a full disk, a read-only folder: used now, compiled again next time
             self.save_problem = f"saving it failed ({first_line(error)})"
+
+    def use_preloaded(self, timeout: float = PRELOAD_WAIT_S) -> bool:
+        """On the prompt thread, for a call an earlier server compiled: where its saved compile was read
+        ahead (waiting up to `timeout` for a reading in progress) and its guards take the call, make it
+        this job's code and run it as the worker would, and say True. Else False, with nothing run: the
+        job then goes to the worker as usual (which reads the file again and says why it is not used)."""
+        if self.key is None:
+            return False
+        taken = self.store.take_preloaded(self.key, timeout)
+        if taken is None:
+            return False
+        function, seconds = taken
+        with torch.inference_mode(self.inference_mode), torch.set_grad_enabled(self.grad_enabled):
+            refused = refusal(function, (*self.saved_form.leading, *unmarked(self.inputs)))
+        if refused is not None:
+            return False
+        self.saved, self.loaded, self.load_seconds = function, True, seconds
+        self.run()
+        return self.error is None
 
     def saved_on_disk(self) -> bool:
         """Whether a compile saved for this call is there to load (its fit is checked when loading)."""
@@ -333,3 +364,12 @@ class CompileWorker:
 
 
 WORKER = CompileWorker()
+
+
+def read_ahead_saved_compiles() -> list[str]:
+    """Start reading the most recently used saved compiles (SavedCompiles.preload_recent), once per
+    process: called when a prompt with Few-Step Accelerate is queued, so that a restarted server's first
+    prompt finds them read while it loads its models. The reading is Python beside the running prompt,
+    hence the compile's GIL interval."""
+    return STORE.preload_recent(PRELOAD_FILES, around=functools.partial(shorter_switch_interval,
+                                                                        COMPILE_SWITCH_INTERVAL_S))

@@ -1,9 +1,9 @@
-"""CUDA graphs of one callable per input shape: capture, replay, the weight check, the per-part cache."""
+"""The per-part cache of CUDA graphs, one per input shape: capture (captured_graph), the weight check, the
+compiled code that replaces a shape's first graph, the least recently used dropped."""
 from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -11,88 +11,17 @@ from typing import Callable, Sequence
 import torch
 
 from .background import ACTIVITY, WORKER, CompiledCodeNotUsed, CompileJob, first_line
+from .saved_compiles import STORE
 from .signatures import WeightSnapshot, batch_free, batch_size, describe, tensor_signature  # noqa: F401 — re-exported
-from .compiler import NATIVE_ALLOCATOR_FLAG, STREAM_ORDERED_ALLOCATOR, allocator_backend, kernel_launches_by_address
+from .compiler import NATIVE_ALLOCATOR_FLAG, STREAM_ORDERED_ALLOCATOR, allocator_backend
+from .captured_graph import CapturedGraph, cuda_graph_unavailable_reason  # noqa: F401 — re-exported
 
 log = logging.getLogger("fewstep.acceleration")
 
-# Eager runs on a side stream before capturing: lazy initialisation (cuBLAS handles and workspaces,
-# cuDNN's algorithm choice, SDPA's backend) must happen outside the graph (PyTorch CUDA Graphs notes:
-# "warm up on a side stream before capture"). Three is what the PyTorch notes' examples use.
-WARMUP_RUNS = 3
 # Compiled code was already run twice by the compile worker (fewstep.acceleration.background): on the
 # capturing thread it needs one run for the lazy initialisation and one checked for host syncs.
 COMPILED_WARMUP_RUNS = 2
 DEFAULT_MAX_SHAPES = 4
-
-
-def cuda_graph_unavailable_reason(device: torch.device | str) -> str | None:
-    """Why CUDA graphs cannot run on `device`, or None when they can."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return f"CUDA graphs need a CUDA device and this runs on {device.type}"
-    if not torch.cuda.is_available():
-        return "CUDA graphs need a CUDA device and torch sees none"
-    if torch.cuda.is_current_stream_capturing():
-        return "a CUDA graph is already being captured on this stream"
-    return None
-
-
-
-class CapturedGraph:
-    """One callable captured as a CUDA graph for one set of input shapes.
-
-    `function(*inputs)` must return one tensor and only read tensors that stay where they are
-    (its inputs, which are copied into static buffers, and the module's weights). `compiled`: the
-    function is compiled code (CompileJob.runnable); `before_capture` runs after the warm-up runs and
-    may refuse the capture by raising.
-    """
-
-    def __init__(self, function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | None],
-                 module: torch.nn.Module, pool, autotune: bool, compiled: bool = False,
-                 warmup_runs: int = WARMUP_RUNS, before_capture: Callable[[], None] | None = None):
-        started = time.perf_counter()
-        self.static_inputs = [None if x is None else x.clone() for x in inputs]
-        self.snapshot = WeightSnapshot(module)
-        self.compiled, self.autotuned = compiled, autotune
-        # Compiled code whose kernels the graph launches stays referenced while the graph lives (a saved
-        # compile loaded from disk is owned by no Dynamo cache).
-        self.code = function if compiled else None
-        benchmark = torch.backends.cudnn.benchmark
-        # cuDNN's benchmark mode times each convolution's algorithms for this shape during warm-up
-        # and caches the choice, which the capture then records; it is switched back afterwards so
-        # eager code elsewhere in the process is unaffected.
-        torch.backends.cudnn.benchmark = autotune or benchmark
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for run in range(warmup_runs):
-                    with host_syncs_are_errors() if run == warmup_runs - 1 else contextlib.nullcontext():
-                        function(*self.static_inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            if before_capture is not None:
-                before_capture()
-            self.graph = torch.cuda.CUDAGraph()
-            launches = kernel_launches_by_address() if compiled else contextlib.nullcontext()
-            # thread_local: another thread's CUDA calls (a server's, the compile worker's) don't
-            # invalidate this capture.
-            with launches, torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-                self.static_output = function(*self.static_inputs)
-        finally:
-            torch.backends.cudnn.benchmark = benchmark
-        if not isinstance(self.static_output, torch.Tensor):
-            raise TypeError(f"captured function returned {type(self.static_output).__name__}, not a tensor")
-        torch.cuda.current_stream().synchronize()
-        self.capture_seconds = time.perf_counter() - started
-
-    def __call__(self, inputs: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """Replay on `inputs`; returns the static output itself: copy it before the next replay."""
-        for static, value in zip(self.static_inputs, inputs):
-            if static is not None:
-                static.copy_(value)
-        self.graph.replay()
-        return self.static_output
 
 
 @dataclass
@@ -167,6 +96,8 @@ class GraphCache:
                     graph = self._capture_compiled(signature, job, inputs, module) or graph
                     if graph is not None and not graph.compiled and signature in self.reuse_refused:
                         self._compile_in_background(signature, function, compiler_form, inputs, saved_form)
+        if graph is None and signature not in self.graphs:
+            graph = self._capture_read_ahead(signature, function, compiler_form, inputs, module, saved_form)
         if graph is None:
             graph = self._capture(signature, function, inputs, module)
             if graph is None:
@@ -206,6 +137,39 @@ class GraphCache:
         """Whether a kept graph for `signature` would replay (in its own memory pool), not be re-captured."""
         graph = self.graphs.get(signature)
         return graph is not None and self._weights_still_captured(graph)
+
+    def _capture_read_ahead(self, signature, function, compiler_form, inputs, module, saved_form):
+        """A call an earlier server compiled and saved, its file read ahead (a restarted server's first
+        prompt; SavedCompiles.preload_recent): its compiled code captured at once, with no graph of the
+        eager kernels before it and no job for the worker. None where there is none, or it does not fit."""
+        if (self.compile_backend is None or saved_form is None or not STORE.reading_ahead()
+                or signature in self.compiling or signature in self.compile_failures):
+            return None
+        batch = batch_size(inputs)
+        if batch not in (None, 0, 1) and batch_free(signature) in self.batch_compiles:
+            return None  # another batch size's compile is handed out as usual
+        with WORKER.paused() as paused:  # no compiled code runs while the worker traces
+            if not paused:
+                return None
+            try:
+                job = CompileJob(compiler_form() if compiler_form else function, inputs, self.compile_backend,
+                                 dynamic_batch=batch not in (None, 0, 1) and signature not in self.reuse_refused,
+                                 saved_form=saved_form())
+                if not (job.key is not None and job.store.expecting(job.key) and job.use_preloaded()):
+                    return None
+            except self.passthrough:
+                raise
+            except Exception:  # the usual path runs, and says what fails there
+                log.debug("FewStepAccelerate: the compile read ahead is not used", exc_info=True)
+                return None
+            job.first_call = True  # said in the capture's line: no compile was handed out for this shape
+            self._make_room()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = self._capture_compiled(signature, job, inputs, module)
+        if graph is not None and job.dynamic_batch:
+            self.batch_compiles[batch_free(signature)] = job
+        return graph
 
     def _compile_in_background(self, signature, function, compiler_form, inputs, saved_form=None) -> None:
         if (self.compile_backend is None or signature in self.compiling
@@ -299,15 +263,7 @@ class GraphCache:
         return self._keep(signature, graph, job, reused_from)
 
     def _capture(self, signature, function, inputs, module) -> CapturedGraph | None:
-        while len(self.graphs) >= self.max_shapes:
-            dropped, _ = self.graphs.popitem(last=False)
-            job = self.compiling.pop(dropped, None)
-            # A job other shapes wait for, or a finished one (batch_compiles may hand it out again), stays.
-            if job is not None and not job.done() and all(other is not job for other in self.compiling.values()):
-                job.cancelled = True  # not started yet: skipped; running: its result unused
-            if job is not None:
-                log.info("FewStepAccelerate: %s: the background compile for %s is dropped with its graph "
-                         "(max_shapes)", self.part, describe(dropped))
+        self._make_room()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         try:
@@ -319,6 +275,18 @@ class GraphCache:
             self._give_up(signature, f"capture failed for {describe(signature)}", error)
             return None
         return self._keep(signature, graph)
+
+    def _make_room(self) -> None:
+        """Drop the least recently used graphs (and their pending compiles) until one more fits."""
+        while len(self.graphs) >= self.max_shapes:
+            dropped, _ = self.graphs.popitem(last=False)
+            job = self.compiling.pop(dropped, None)
+            # A job other shapes wait for, or a finished one (batch_compiles may hand it out again), stays.
+            if job is not None and not job.done() and all(other is not job for other in self.compiling.values()):
+                job.cancelled = True  # not started yet: skipped; running: its result unused
+            if job is not None:
+                log.info("FewStepAccelerate: %s: the background compile for %s is dropped with its graph "
+                         "(max_shapes)", self.part, describe(dropped))
 
     def _give_up(self, signature, what: str, error: Exception) -> None:
         """This shape runs eagerly from now on, and says why."""
@@ -358,6 +326,11 @@ class GraphCache:
 def compile_origin(job) -> str:
     """Where a captured compiled graph's code came from, for the capture's log line."""
     if getattr(job, "loaded", False):
+        read_ahead = getattr(job, "load_seconds", None)
+        if read_ahead is not None:
+            first = ", used from the shape's first call" if getattr(job, "first_call", False) else ""
+            return (f"loaded from the compile saved on disk in {read_ahead + job.seconds:.1f} s, read ahead as "
+                    f"the prompt was queued{first}, without tracing")
         return f"loaded from the compile saved on disk in {job.seconds:.1f} s, without tracing"
     split = (f", of which AOTAutograd and Inductor {job.backend_seconds:.1f} s"
              if job.backend_seconds is not None else "")
@@ -365,26 +338,6 @@ def compile_origin(job) -> str:
     return f"compiled in the background in {job.seconds:.1f} s{split}{saved}"
 
 
-@contextlib.contextmanager
-def host_syncs_are_errors():
-    """Within: an operation that waits for the GPU (.item(), .cpu(), nonzero, …) raises.
-
-    Such an operation cannot be captured, and a capture it breaks off half-way can take the process
-    down under the cudaMallocAsync allocator (the capture's memory is then freed on a stream whose
-    capture failed, inside a tensor's deleter). The last warm-up run checks for it, so such a
-    function is never captured at all.
-    """
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-
-
-# Failed captures kept for the life of the process, under the cudaMallocAsync allocator. Memory that
-# allocator hands out during a capture belongs to the graph; freed outside a capture after the capture
-# failed, it makes cudaFreeAsync fail inside a tensor's deleter, where PyTorch can only terminate the
 # process. The error's traceback holds the frames, and so the tensors, of the failed capture: kept,
 # they are never freed. Their memory is address space the driver maps only if a graph runs, so a
 # failed capture costs next to no GPU memory.

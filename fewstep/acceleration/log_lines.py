@@ -12,6 +12,10 @@ COMPILE_STARTED = re.compile(r"FewStepAccelerate: .* (compiles it in the backgro
                              r"background for batch size)")
 # That compile's code captured.
 COMPILED_CAPTURE = re.compile(r"FewStepAccelerate: captured (UNet|transformer|VAE decode) CUDA graph for .* \(compiled")
+# A shape whose compiled code was read ahead from disk and captured at once (a restarted server): no compile
+# was handed out for it.
+READ_AHEAD_CAPTURE = re.compile(r"FewStepAccelerate: captured (UNet|transformer|VAE decode) CUDA graph for .* \(compiled.*"
+                                r"used from the shape's first call")
 # That compile will not be captured for the shape (a new COMPILE_STARTED line follows where it is retried).
 COMPILE_ENDED_UNUSED = re.compile(
     r"FewStepAccelerate: .*(torch\.compile failed|compiled kernels could not be captured|does not take .*; compiling "
@@ -21,5 +25,5 @@ COMPILE_ENDED_UNUSED = re.compile(
 
 def compiles_pending(log: str) -> int:
     """Compiles handed out in `log` whose code is neither captured nor given up."""
-    return (len(COMPILE_STARTED.findall(log)) - len(COMPILED_CAPTURE.findall(log))
-            - len(COMPILE_ENDED_UNUSED.findall(log)))
+    captured = len(COMPILED_CAPTURE.findall(log)) - len(READ_AHEAD_CAPTURE.findall(log))
+    return len(COMPILE_STARTED.findall(log)) - captured - len(COMPILE_ENDED_UNUSED.findall(log))
