@@ -186,3 +186,20 @@ def test_gpu_bench_flow_rows_smoke(tmp_path):
     report = (tmp_path / "results.md").read_text()
     assert "| FLUX.1-schnell 4-step 64², tiny model | ComfyUI native |" in report
     assert "KSampler euler sgm_uniform cfg 1.2" in report
+
+
+def test_unet_levers_smoke(tmp_path):
+    """bench/unet_levers.py --smoke on the tiny SDXL UNet (CPU, aot_eager), one process per variant: fused
+    projections compute what the UNet's own do, and FP8 linear layers stay near them."""
+    comfyui = require_comfyui()
+    environment = {**os.environ, "COMFYUI_PATH": str(comfyui)}
+    run = subprocess.run([sys.executable, str(PACK_ROOT / "bench" / "unet_levers.py"), "--smoke", "--reps", "3",
+                          "--variants", "fused", "fp8_fused", "--out", str(tmp_path)],
+                         env=environment, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    variants = json.loads((tmp_path / "results.json").read_text())["variants"]
+    fused, fp8 = variants["fused"]["sizes"]["64"], variants["fp8_fused"]["sizes"]["64"]
+    assert fused["relative_l2_to_fp16_eager"] < 1e-5 and fused["ms_per_call"]["median"] > 0
+    assert 1e-4 < fp8["relative_l2_to_fp16_eager"] < 0.1  # FP8's rounding shows, and no more than that
+    assert variants["fp8_fused"]["fp8_linears"] > 0 and variants["fused"]["fp8_linears"] == 0
+    assert "| fp8_fused |" in (tmp_path / "table.md").read_text()
