@@ -191,6 +191,11 @@ def test_the_most_recently_used_compiles_are_read_ahead_and_used_once_without_tr
     assert agreement(output, expected, tolerance=1e-6).within_tolerance
     assert restarted.take_preloaded(job.key) is None and not restarted.expecting(job.key)  # taken once
 
+    # Read outside inference mode, a compile is not handed to a job in it (torch 2.11's guards would refuse).
+    elsewhere = SavedCompiles(tmp_path / "saved")
+    assert elsewhere.preload_recent(count=1, inference_mode=False) == [new.key]
+    assert elsewhere.take_preloaded(new.key, timeout=60, inference_mode=True) is None
+
     other = job_for(model_module, model, x_old, restarted)  # not read ahead: read from disk by the worker
     with torch.inference_mode():
         assert not other.use_preloaded(timeout=0) and not other.done()

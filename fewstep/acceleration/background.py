@@ -191,7 +191,7 @@ class CompileJob:
         """`saved`: loaded from disk, or compiled ahead of time and saved; left None where torch cannot
         (a graph break, an object it cannot save), for the usual compile to run."""
         form, key = self.saved_form, self.key
-        taken = self.store.take_preloaded(key, WORKER_PRELOAD_WAIT_S)
+        taken = self.store.take_preloaded(key, WORKER_PRELOAD_WAIT_S, self.inference_mode)
         if taken is not None:
             (function, self.load_seconds), why = taken, None
         else:
@@ -225,7 +225,7 @@ class CompileJob:
         job then goes to the worker as usual (which reads the file again and says why it is not used)."""
         if self.key is None:
             return False
-        taken = self.store.take_preloaded(self.key, timeout)
+        taken = self.store.take_preloaded(self.key, timeout, self.inference_mode)
         if taken is None:
             return False
         function, seconds = taken

@@ -210,7 +210,7 @@ class SavedCompiles:
         self._preload_lock = threading.Lock()
         self._preload_started = False
         self._preloading: dict[str, threading.Event] = {}  # key → set when its reading ended
-        self._preloaded: dict[str, tuple] = {}  # key → (function, seconds), until a job takes it
+        self._preloaded: dict[str, tuple] = {}  # key → (function, seconds, inference mode), until taken
 
     def path(self, key: str) -> Path:
         if self.directory is None:
@@ -242,10 +242,14 @@ class SavedCompiles:
         function.disable_guard_check()
         return function, None
 
-    def preload_recent(self, count: int = PRELOAD_FILES, around=contextlib.nullcontext) -> list[str]:
+    def preload_recent(self, count: int = PRELOAD_FILES, around=contextlib.nullcontext,
+                       inference_mode: bool = True) -> list[str]:
         """Start reading the `count` most recently used files into memory on a thread of their own, once
         per store (a server's first accelerated prompt); returns their keys. `around()` is entered for
         the whole reading (the caller's GIL settings: the reading is Python, beside a running prompt).
+        Read under `inference_mode` (ComfyUI runs prompts in it): torch builds a loaded compile's tensor
+        guards from the reading thread's state, and in torch 2.11 guards read outside inference mode
+        refuse every call made in it ("dispatch key set mismatch"); only a job in the same mode takes them.
 
         The prompt's jobs then take them (`take_preloaded`) instead of reading them after the model is
         loaded. What no job takes stays in memory (the compiled code and its kernels, tens of MB) for the
@@ -263,24 +267,30 @@ class SavedCompiles:
             for file in files:
                 self._preloading[file.name[:-len(SUFFIX)]] = threading.Event()
         if files:
-            threading.Thread(target=self._preload, args=(files, around), name="fewstep-preload", daemon=True).start()
+            threading.Thread(target=self._preload, args=(files, around, inference_mode), name="fewstep-preload",
+                             daemon=True).start()
         return [file.name[:-len(SUFFIX)] for file in files]
 
-    def _preload(self, files: list[Path], around) -> None:
-        with around():
+    def _preload(self, files: list[Path], around, inference_mode: bool) -> None:
+        started, read = time.perf_counter(), []
+        with around(), torch.inference_mode(inference_mode):
             for file in files:
                 key = file.name[:-len(SUFFIX)]
-                started = time.perf_counter()
+                began = time.perf_counter()
                 try:
                     function, why = self.read(file)
                 except Exception as error:  # never raised on this thread: the job reads it again
                     function, why = None, f"{type(error).__name__}: {error}"
                 with self._preload_lock:
                     if function is not None:
-                        self._preloaded[key] = (function, time.perf_counter() - started)
+                        self._preloaded[key] = (function, time.perf_counter() - began, inference_mode)
                     self._preloading.pop(key).set()
                 if function is None:
-                    log.debug("FewStepAccelerate: not read ahead: %s: %s", file.name, why)
+                    log.info("FewStepAccelerate: the saved compile %s is not read ahead: %s", file.name, why)
+                else:
+                    read.append(f"{key[:8]} {time.perf_counter() - began:.1f} s")
+        log.info("FewStepAccelerate: read %d of the %d most recently used saved compiles ahead in %.1f s (%s)",
+                 len(read), len(files), time.perf_counter() - started, ", ".join(read) or "none")
 
     def reading_ahead(self) -> bool:
         """Whether anything is read ahead, or being read, for a job to take (cheap: asked at every new shape)."""
@@ -291,19 +301,24 @@ class SavedCompiles:
         with self._preload_lock:
             return key in self._preloaded or key in self._preloading
 
-    def take_preloaded(self, key: str, timeout: float | None = 0):
+    def take_preloaded(self, key: str, timeout: float | None = 0, inference_mode: bool | None = None):
         """(the compiled function, seconds its reading took) read ahead for `key`, waiting up to `timeout`
-        for a reading in progress; None where there is none. Taken: a second call gets None."""
+        for a reading in progress; None where there is none, or it was read in another `inference_mode`
+        than the one given. Taken: a second call gets None."""
         with self._preload_lock:
             reading = self._preloading.get(key)
         if reading is not None and not reading.wait(timeout):
             return None
         with self._preload_lock:
             taken = self._preloaded.pop(key, None)
-        if taken is not None:
-            with contextlib.suppress(OSError):  # pruned meanwhile: what was read is still good
-                os.utime(self.path(key))  # recently used: kept longest
-        return taken
+        if taken is None:
+            return None
+        function, seconds, read_in = taken
+        if inference_mode is not None and read_in != inference_mode:
+            return None  # its guards would refuse the call: the job reads the file itself
+        with contextlib.suppress(OSError):  # pruned meanwhile: what was read is still good
+            os.utime(self.path(key))  # recently used: kept longest
+        return function, seconds
 
     def save(self, key: str, function) -> Path:
         path = self.path(key)
