@@ -10,8 +10,8 @@ Few-Step Accelerate runs it, in four variants (testing/unet_levers.py says what 
   fp8         the transformer blocks' linear layers as FP8 (e4m3) products, row-wise scales
   fp8_fused   both
 
-Each variant runs in a process of its own, so that their compiles (minutes each) run side by side on the
-host's cores; then the processes take turns on the GPU, so that the times are side by side in one run.
+Each variant and size runs in a process of its own, so that their compiles (minutes each) run side by side
+on the host's cores; then the processes take turns on the GPU, so that the times are side by side in one run.
 Per variant and image size (batch 1): the GPU time of one UNet call (the graph's replay, median of
 `--reps`), and the output's relative L2 distance from the fp16 UNet run eagerly on the same inputs.
 
@@ -72,8 +72,9 @@ def unet_inputs(unet, size: int, device: str, dtype) -> tuple:
 
 
 def worker(args) -> int:
-    """One variant: build, compile and capture each size, say ready, time on its turn."""
-    out = args.out / args.worker
+    """One variant (at the sizes given, one in the orchestrated runs): build, compile and capture, say ready,
+    time on its turn."""
+    out = args.out / f"{args.worker}-{'-'.join(map(str, args.sizes))}"
     out.mkdir(parents=True, exist_ok=True)
     result = {"variant": args.worker, "sizes": {}}
     try:
@@ -174,40 +175,47 @@ def wait_for(path: Path, timeout: float) -> bool:
 
 
 def orchestrate(args) -> int:
+    """One worker per variant and size, compiling side by side; then each timed in turn."""
     args.out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 4) // len(args.variants)))}
+    cells = [(variant, size) for variant in args.variants for size in args.sizes]
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 4) // len(cells)))}
     processes = {}
-    for variant in args.variants:
-        folder = args.out / variant
-        for name in ("ready", "turn", "done", "result.json"):
-            (folder / name).unlink(missing_ok=True)
+    for variant, size in cells:
+        name = f"{variant}-{size}"
+        for leftover in ("ready", "turn", "done", "result.json"):
+            (args.out / name / leftover).unlink(missing_ok=True)
         command = [sys.executable, __file__, "--worker", variant, "--out", str(args.out), "--reps", str(args.reps),
-                   "--sizes", *map(str, args.sizes), *(["--smoke"] if args.smoke else [])]
-        log = open(args.out / f"{variant}.log", "w")
-        processes[variant] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                   "--sizes", str(size), "--turn-timeout-s", str(args.turn_timeout_s),
+                   *(["--smoke"] if args.smoke else [])]
+        log = open(args.out / f"{name}.log", "w")
+        processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     started = time.perf_counter()
-    for variant in args.variants:  # compiles side by side
-        wait_for(args.out / variant / "ready", args.turn_timeout_s)
+    for name in processes:  # compiles side by side
+        wait_for(args.out / name / "ready", args.turn_timeout_s)
     compiled_after = time.perf_counter() - started
-    for variant in args.variants:  # one at a time on the GPU
-        (args.out / variant / "turn").write_text("go")
-        wait_for(args.out / variant / "done", 300)
+    for name in processes:  # one at a time on the GPU
+        (args.out / name).mkdir(parents=True, exist_ok=True)
+        (args.out / name / "turn").write_text("go")
+        wait_for(args.out / name / "done", 120)
     for process in processes.values():
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
-    results = {}
-    for variant in args.variants:
-        path = args.out / variant / "result.json"
-        results[variant] = json.loads(path.read_text()) if path.exists() else {"error": "no result (see its log)"}
+    results = {variant: {"variant": variant, "sizes": {}} for variant in args.variants}
+    for variant, size in cells:
+        path = args.out / f"{variant}-{size}" / "result.json"
+        cell = json.loads(path.read_text()) if path.exists() else {"error": "no result (see its log)"}
+        results[variant]["fp8_linears"] = cell.get("fp8_linears", results[variant].get("fp8_linears"))
+        results[variant]["sizes"][size] = (cell["sizes"].get(str(size)) or cell["sizes"].get(size)
+                                           if "error" not in cell else {"error": cell["error"]})
     summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu",
                "torch": torch.__version__, "compiled_side_by_side_s": round(compiled_after, 1), "variants": results}
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
     table = report(summary, args.sizes)
     (args.out / "table.md").write_text(table)
     print(table)
-    return 0 if all("error" not in result for result in results.values()) else 1
+    return 0 if all("error" not in cell for result in results.values() for cell in result["sizes"].values()) else 1
 
 
 def report(summary: dict, sizes) -> str:
@@ -216,12 +224,12 @@ def report(summary: dict, sizes) -> str:
              "", "| variant | " + " | ".join(f"{size}²: ms (× fp16) | {size}²: rel L2 to fp16 eager" for size in sizes)
              + " |", "|---|" + "---|---|" * len(sizes)]
     for variant, result in summary["variants"].items():
-        if "error" in result:
-            lines.append(f"| {variant} | {result['error'][:200]} |")
-            continue
         cells = []
         for size in sizes:
             cell = result["sizes"].get(size) or result["sizes"].get(str(size), {})
+            if "error" in cell:
+                cells += [cell["error"].splitlines()[0][:160], "–"]
+                continue
             ms = cell.get("ms_per_call", {}).get("median")
             fp16 = (base.get(size) or base.get(str(size)) or {}).get("ms_per_call", {}).get("median")
             ratio = f" ({ms / fp16:.2f}×)" if ms and fp16 else ""

@@ -193,7 +193,7 @@ def test_unet_levers_smoke(tmp_path):
     projections compute what the UNet's own do, and FP8 linear layers stay near them."""
     comfyui = require_comfyui()
     environment = {**os.environ, "COMFYUI_PATH": str(comfyui)}
-    run = subprocess.run([sys.executable, str(PACK_ROOT / "bench" / "unet_levers.py"), "--smoke", "--reps", "3",
+    run = subprocess.run([sys.executable, str(PACK_ROOT / "bench" / "unet_levers.py"), "--smoke", "--reps", "3", "--turn-timeout-s", "240",
                           "--variants", "fused", "fp8_fused", "--out", str(tmp_path)],
                          env=environment, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
