@@ -39,6 +39,7 @@ from ..fewstep.acceleration import (
 from ..fewstep.acceleration.compiler_forms import GroupNormForCompiler
 from ..fewstep.acceleration.model_inputs import BoundCall, NotCapturable, call_model_function, flatten_conditioning
 from ..fewstep.acceleration.saved_compiles import SavedForm, describe_value, module_fingerprint
+from .saved_compile_settings import comfyui_settings
 
 WRAPPER_KEY = "fewstep_accelerate"
 log = logging.getLogger("fewstep.acceleration")
@@ -234,35 +235,6 @@ def innermost(executor) -> bool:
     return getattr(executor, "idx", None) == len(getattr(executor, "wrappers", ())) - 1
 
 
-# ComfyUI's launch flags that no model code reads (the server, its folders, the frontend, the allocator):
-# left out of a saved compile's key, so that a server on another port or folder loads it. Any other
-# flag, one this list does not know included, is in the key.
-SETTINGS_OUTSIDE_MODEL_CODE = frozenset({
-    "auto_launch", "base_directory", "cache_classic", "cache_lru", "cache_none", "cache_ram", "comfy_api_base",
-    "cuda_malloc", "database_url", "default_hashing_function", "disable_all_custom_nodes", "disable_api_nodes",
-    "disable_auto_launch", "disable_cuda_malloc", "disable_manager_ui", "disable_metadata", "disable_mmap",
-    "dont_print_server", "enable_compress_response_body", "enable_cors_header", "enable_manager",
-    "enable_manager_legacy_ui", "extra_model_paths_config", "front_end_root", "front_end_version",
-    "input_directory", "listen", "log_stdout", "max_upload_size", "mmap_torch_files", "multi_user",
-    "output_directory", "port", "preview_method", "preview_size", "quick_test_for_ci", "temp_directory",
-    "tls_certfile", "tls_keyfile", "user_directory", "verbose", "whitelist_custom_nodes", "windows_standalone_build",
-})
-
-
-def comfyui_settings() -> dict:
-    """ComfyUI's version, and its launch flags that choose the attention, cast and memory functions the
-    model code calls."""
-    import comfy.cli_args
-
-    try:
-        from comfyui_version import __version__ as version
-    except ImportError:
-        version = None
-    flags = {name: describe_value(value) for name, value in sorted(vars(comfy.cli_args.args).items())
-             if name not in SETTINGS_OUTSIDE_MODEL_CODE}
-    return {"version": version, "flags": flags}
-
-
 def decoder_for_compiler(first_stage_model: torch.nn.Module) -> torch.nn.Module:
     """A copy of the VAE model sharing every weight tensor, whose decoder computes its GroupNorms by
     group_norm_for_compiler and its attention by attention_by_matmuls, the forms Inductor makes fast
@@ -364,7 +336,8 @@ class FewStepAccelerate(io.ComfyNode):
             if backend:
                 message += (" torch.compile compiles each new size in the background (minutes for SDXL) while "
                             "it runs on the eager kernels' graph; later runs use the compiled graph. Compiles are "
-                            "saved to disk: after a restart they load in seconds.")
+                            "saved to disk: a restarted server reads them as its first prompt is queued and uses "
+                            "them from that prompt on, or within seconds.")
             if compile_reason:
                 message += f" Not compiled: {compile_reason}."
         return io.NodeOutput(accelerated, accelerated_vae, ui=ui.PreviewText(message))
