@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -196,6 +195,15 @@ def test_the_most_recently_used_compiles_are_read_ahead_and_used_once_without_tr
     assert elsewhere.preload_recent(count=1, inference_mode=False) == [new.key]
     assert elsewhere.take_preloaded(new.key, timeout=60, inference_mode=True) is None
 
+    # Another installation's files (another pack folder, whose module names the files refer to) are not
+    # read ahead; one that cannot be read is left for its own installation's load to replace.
+    assert SavedCompiles(tmp_path / "saved", installation="another").preload_recent() == []
+    broken = SavedCompiles(tmp_path / "broken")
+    broken.path("f" * 40).parent.mkdir()
+    broken.path("f" * 40).write_bytes(b"not a compiled function")
+    assert broken.preload_recent() == ["f" * 40]
+    assert broken.take_preloaded("f" * 40, timeout=60) is None and broken.path("f" * 40).exists()
+
     other = job_for(model_module, model, x_old, restarted)  # not read ahead: read from disk by the worker
     with torch.inference_mode():
         assert not other.use_preloaded(timeout=0) and not other.done()
@@ -280,18 +288,16 @@ def test_a_restarted_node_loads_the_unet_and_decoder_compiles_its_first_run_save
 
 def test_a_queued_accelerated_prompt_reads_the_saved_compiles_ahead_through_main_py(comfy_server, server_sd15):
     """Through a real main.py: the pack's on-prompt hook starts the reading as a prompt with Few-Step
-    Accelerate is queued. Seen from outside by a file that cannot be read: the reading deletes it."""
-    folder = Path(os.environ["FEWSTEP_SAVED_COMPILES_DIR"])  # the server's too (inherited)
-    folder.mkdir(parents=True, exist_ok=True)
-    unreadable = folder / f"{'0' * 40}{SUFFIX}"
-    unreadable.write_bytes(b"not a compiled function")
+    Accelerate is queued, not for one without it (the reading's line in the server's log, once per process)."""
+    line = "most recently used saved compiles ahead in"
+    before = comfy_server.log_path.read_text(errors="replace")
     comfy_server.run(reseeded(accelerated_prompt(server_sd15, "lcm", 2, accelerate=False), SEED))
-    assert unreadable.exists()  # no Few-Step Accelerate: nothing read
+    assert comfy_server.log_path.read_text(errors="replace")[len(before):].count(line) == 0
     comfy_server.run(reseeded(accelerated_prompt(server_sd15, "lcm", 2, accelerate=True), SEED))
     deadline = time.monotonic() + 60
-    while unreadable.exists() and time.monotonic() < deadline:
+    while line not in comfy_server.log_path.read_text(errors="replace") and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not unreadable.exists()
+    assert comfy_server.log_path.read_text(errors="replace").count(line) == 1
 
 
 def test_the_model_call_form_keeps_other_packs_wrappers_by_not_saving(comfy):

@@ -43,6 +43,11 @@ FORMAT = 1  # the layout of a key and a file; a new one makes every older file u
 # the H200's host), which then overlap the prompt's loading of the checkpoint instead of following it.
 PRELOAD_FILES = 4
 
+# This installation of the pack: its files' names start with it. A saved compile refers to the pack's
+# code by the module name ComfyUI gave it (the pack folder's path), so another installation sharing the
+# folder (another ComfyUI, another base directory) cannot read it; reading ahead takes only this one's.
+INSTALLATION = hashlib.sha256(__name__.rpartition(".fewstep.")[0].encode()).hexdigest()[:8]
+
 log = logging.getLogger("fewstep.acceleration")
 
 
@@ -204,9 +209,11 @@ def refusal(function, args: Sequence) -> str | None:
 class SavedCompiles:
     """A folder of saved compiles by key; the most recently used kept, up to `max_bytes` together."""
 
-    def __init__(self, directory: Path | str | None = None, max_bytes: int = MAX_SAVED_BYTES):
+    def __init__(self, directory: Path | str | None = None, max_bytes: int = MAX_SAVED_BYTES,
+                 installation: str = INSTALLATION):
         self.directory = Path(directory) if directory is not None else None
         self.max_bytes = max_bytes
+        self.installation = installation
         self._preload_lock = threading.Lock()
         self._preload_started = False
         self._preloading: dict[str, threading.Event] = {}  # key → set when its reading ended
@@ -215,7 +222,10 @@ class SavedCompiles:
     def path(self, key: str) -> Path:
         if self.directory is None:
             self.directory = default_directory()
-        return self.directory / f"{key}{SUFFIX}"
+        return self.directory / f"{self.installation}-{key}{SUFFIX}"
+
+    def key_of(self, path: Path) -> str:
+        return path.name[len(self.installation) + 1:-len(SUFFIX)]
 
     def load(self, key: str):
         """(the compiled function, None) or (None, why not: missing, stale or unreadable)."""
@@ -227,13 +237,15 @@ class SavedCompiles:
             os.utime(path)  # recently used: kept longest
         return function, why
 
-    def read(self, path: Path):
-        """The compiled function saved at `path`, or (None, why not); an unreadable file is deleted."""
+    def read(self, path: Path, delete_unreadable: bool = True):
+        """The compiled function saved at `path`, or (None, why not); an unreadable file is deleted where
+        `delete_unreadable` (a load for its own key: it is compiled again and replaced)."""
         try:
             with open(path, "rb") as file:
                 function = torch.compiler.load_compiled_function(file)
-        except Exception as error:  # written by another torch, truncated, …: compiled again and replaced
-            path.unlink(missing_ok=True)
+        except Exception as error:  # written by another torch, truncated, …
+            if delete_unreadable:
+                path.unlink(missing_ok=True)
             return None, f"the saved file could not be read ({type(error).__name__}: {str(error)[:200]})"
         changed = changed_sources(function)
         if changed:
@@ -260,25 +272,26 @@ class SavedCompiles:
             self._preload_started = True
             directory = self.directory if self.directory is not None else default_directory()
             try:
-                files = sorted(directory.glob(f"*{SUFFIX}"), key=lambda file: file.stat().st_mtime, reverse=True)
+                files = sorted(directory.glob(f"{self.installation}-*{SUFFIX}"), key=lambda file: file.stat().st_mtime,
+                               reverse=True)
             except OSError:  # removed meanwhile
                 files = []
             files = files[:count]
             for file in files:
-                self._preloading[file.name[:-len(SUFFIX)]] = threading.Event()
-        if files:
-            threading.Thread(target=self._preload, args=(files, around, inference_mode), name="fewstep-preload",
-                             daemon=True).start()
-        return [file.name[:-len(SUFFIX)] for file in files]
+                self._preloading[self.key_of(file)] = threading.Event()
+        # Started with no files too: its log line says that nothing was there to read.
+        threading.Thread(target=self._preload, args=(files, around, inference_mode), name="fewstep-preload",
+                         daemon=True).start()
+        return [self.key_of(file) for file in files]
 
     def _preload(self, files: list[Path], around, inference_mode: bool) -> None:
         started, read = time.perf_counter(), []
         with around(), torch.inference_mode(inference_mode):
             for file in files:
-                key = file.name[:-len(SUFFIX)]
+                key = self.key_of(file)
                 began = time.perf_counter()
                 try:
-                    function, why = self.read(file)
+                    function, why = self.read(file, delete_unreadable=False)  # the job's own load decides
                 except Exception as error:  # never raised on this thread: the job reads it again
                     function, why = None, f"{type(error).__name__}: {error}"
                 with self._preload_lock:
