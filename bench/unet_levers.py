@@ -4,7 +4,7 @@ The SDXL UNet as ComfyUI loads it (full size, random weights drawn by diffusers'
 compiled by torch.compile with the pack's Inductor options and replayed as a CUDA graph, as
 Few-Step Accelerate runs it, in four variants (testing/unet_levers.py says what each changes):
 
-  fp16        the UNet as loaded: what Few-Step Accelerate compiles today
+  fp16        the UNet as loaded: what Few-Step Accelerate compiles
   fused       self-attention q/k/v one product per block; every cross-attention's keys and values one
               product per call
   fp8         the transformer blocks' linear layers as FP8 (e4m3) products, row-wise scales

@@ -272,6 +272,7 @@ def test_a_restarted_node_loads_the_unet_and_decoder_compiles_its_first_run_save
     stand_in.attempts.clear()
     with caplog.at_level(logging.INFO, logger="fewstep.acceleration"):
         assert len(background.read_ahead_saved_compiles()) == 2
+        assert background.STORE.wait_until_read(timeout=120)  # the server's checkpoint loading, here nothing
         queued = reseeded(accelerated_prompt(sd15, "lcm", 2, accelerate=True), SEED + 11)
         queued["accel"]["inputs"]["max_shapes"] = 6  # a new node: ComfyUI runs it again
         first = comfy.run(queued)
@@ -351,3 +352,20 @@ def test_the_worker_loads_a_saved_compile_without_waiting_for_the_prompt_to_end(
         fresh = worker.submit(job_for(model_module, model, torch.randn(3, 8), store))  # nothing saved: waits
         assert not worker.wait_until_idle(timeout=QUIET_SECONDS + 0.5) and not fresh.done()
     assert worker.wait_until_idle(timeout=120) and fresh.saved_path is not None
+
+
+def test_the_prompt_hook_reads_ahead_only_for_prompts_that_compile_with_few_step_accelerate(comfy, monkeypatch):
+    routes = sys.modules[loaded_node_module(comfy).__name__.rpartition(".")[0] + ".routes"]
+    started = []
+    monkeypatch.setattr(routes, "read_ahead_saved_compiles", lambda: started.append(True) or [])
+
+    def queued(**inputs):
+        return {"prompt": {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {}},
+                           "2": {"class_type": "FewStepAccelerate", "inputs": inputs}}}
+
+    plain = {"prompt": {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {}}}}
+    for request, reads in ((plain, 0), (queued(compile_kernels=False), 0), (queued(), 1),
+                           (queued(compile_kernels=True), 1), ({"prompt": "not a prompt"}, 0), (None, 0)):
+        started.clear()
+        assert routes.read_ahead_for_accelerated_prompts(request) is request  # passed on unchanged
+        assert len(started) == reads, request

@@ -129,7 +129,6 @@ class CompileJob:
         self.saved = None  # the ahead-of-time compiled function, loaded or compiled here
         self.loaded = False  # it was loaded from disk
         self.load_seconds: float | None = None  # where read ahead: the reading's time (before `seconds`)
-        self.first_call = False  # read ahead and used at the shape's first call, on the prompt thread
         self.saved_path = None  # where it was saved for later servers
         self.save_problem: str | None = None  # why it was not saved (the usual compile ran instead)
         self.load_problem: str | None = None  # why a file saved for this call was not used
@@ -221,8 +220,9 @@ class CompileJob:
     def use_preloaded(self, timeout: float = PRELOAD_WAIT_S) -> bool:
         """On the prompt thread, for a call an earlier server compiled: where its saved compile was read
         ahead (waiting up to `timeout` for a reading in progress) and its guards take the call, make it
-        this job's code and run it as the worker would, and say True. Else False, with nothing run: the
-        job then goes to the worker as usual (which reads the file again and says why it is not used)."""
+        this job's code and run it as the worker would, and say True. False with nothing run where none
+        was read ahead or its guards refuse the call (the usual path then reads the file again and says
+        why it is not used); False after the runs where they failed (`error` says why)."""
         if self.key is None:
             return False
         taken = self.store.take_preloaded(self.key, timeout, self.inference_mode)

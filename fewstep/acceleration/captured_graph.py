@@ -100,7 +100,3 @@ def host_syncs_are_errors():
         yield
     finally:
         torch.cuda.set_sync_debug_mode(previous)
-
-
-# Failed captures kept for the life of the process, under the cudaMallocAsync allocator. Memory that
-# allocator hands out during a capture belongs to the graph; freed outside a capture after the capture

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import torch
 
 from .background import ACTIVITY, WORKER, CompiledCodeNotUsed, CompileJob, first_line
-from .saved_compiles import STORE
+from .saved_compiles import STORE, compile_key
 from .signatures import WeightSnapshot, batch_free, batch_size, describe, tensor_signature  # noqa: F401 — re-exported
 from .compiler import NATIVE_ALLOCATOR_FLAG, STREAM_ORDERED_ALLOCATOR, allocator_backend
 from .captured_graph import CapturedGraph, cuda_graph_unavailable_reason  # noqa: F401 — re-exported
@@ -148,25 +148,38 @@ class GraphCache:
         batch = batch_size(inputs)
         if batch not in (None, 0, 1) and batch_free(signature) in self.batch_compiles:
             return None  # another batch size's compile is handed out as usual
+        dynamic = batch not in (None, 0, 1) and signature not in self.reuse_refused
+        try:
+            form = saved_form()
+            # The key first: a job (copies of the inputs, a compiler form) only for a call read ahead.
+            key = compile_key(form, inputs, dynamic, self.compile_backend)
+        except Exception:  # the usual path runs, and says what fails there
+            return None
+        if not STORE.expecting(key):
+            return None
         with WORKER.paused() as paused:  # no compiled code runs while the worker traces
             if not paused:
                 return None
             try:
                 job = CompileJob(compiler_form() if compiler_form else function, inputs, self.compile_backend,
-                                 dynamic_batch=batch not in (None, 0, 1) and signature not in self.reuse_refused,
-                                 saved_form=saved_form())
-                if not (job.key is not None and job.store.expecting(job.key) and job.use_preloaded()):
-                    return None
+                                 dynamic_batch=dynamic, saved_form=form)
+                used = job.key == key and job.use_preloaded()
             except self.passthrough:
                 raise
-            except Exception:  # the usual path runs, and says what fails there
-                log.debug("FewStepAccelerate: the compile read ahead is not used", exc_info=True)
+            except Exception as error:  # the usual path runs
+                self.say(f"{self.part}: the compile read ahead for {describe(signature)} is not used ({first_line(error)})")
                 return None
-            job.first_call = True  # said in the capture's line: no compile was handed out for this shape
+            if not used:
+                if isinstance(job.error, self.passthrough):  # a Cancel during its runs stops the prompt
+                    raise job.error
+                if job.error is not None:
+                    self.say(f"{self.part}: the compile read ahead for {describe(signature)} is not used "
+                             f"({first_line(job.error)})")
+                return None
             self._make_room()
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            graph = self._capture_compiled(signature, job, inputs, module)
+            graph = self._capture_compiled(signature, job, inputs, module, first_call=True)
         if graph is not None and job.dynamic_batch:
             self.batch_compiles[batch_free(signature)] = job
         return graph
@@ -205,9 +218,10 @@ class GraphCache:
                  "warm) and later runs switch to the compiled graph", self.part, describe(signature),
                  " for every batch size above 1" if dynamic else "")
 
-    def _capture_compiled(self, signature, job: CompileJob, inputs, module) -> CapturedGraph | None:
-        """The compiled code of a finished job captured for `inputs` in place of the first graph; None
-        where it cannot be (said, and the first graph stays)."""
+    def _capture_compiled(self, signature, job: CompileJob, inputs, module, first_call: bool = False):
+        """The compiled code of a finished job captured for `inputs` in place of the first graph (or, with
+        `first_call`, as the shape's first: read ahead); None where it cannot be (said, and the first
+        graph stays)."""
         if job.error is not None:
             if isinstance(job.error, self.passthrough):  # interrupted: not a failure, but not used either
                 self.say(f"{self.part}: the compile for {describe(signature)} was interrupted and is not used; "
@@ -260,7 +274,7 @@ class GraphCache:
             if problem:
                 self.say(f"{self.part}: {what} for {describe(signature)}: {problem}")
         reused_from = job.batch if job.batch != batch_size(inputs) else None
-        return self._keep(signature, graph, job, reused_from)
+        return self._keep(signature, graph, job, reused_from, first_call)
 
     def _capture(self, signature, function, inputs, module) -> CapturedGraph | None:
         self._make_room()
@@ -296,7 +310,8 @@ class GraphCache:
         self.say(f"{self.part}: {what} ({reason}); running eager for this shape")
         torch.cuda.synchronize()
 
-    def _keep(self, signature, graph: CapturedGraph, job=None, reused_from: int | None = None) -> CapturedGraph:
+    def _keep(self, signature, graph: CapturedGraph, job=None, reused_from: int | None = None,
+              first_call: bool = False) -> CapturedGraph:
         self.graphs[signature] = graph
         record = CaptureRecord(self.part, signature, graph.capture_seconds, graph.compiled,
                                job.seconds if job else None, job.backend_seconds if job else None)
@@ -306,7 +321,7 @@ class GraphCache:
                  "call of this shape%s", self.part, describe(signature), graph.capture_seconds,
                  f" ({', '.join(how)})" if how else "",
                  f" ({f'the code compiled for batch size {reused_from}, ' if reused_from else ''}"
-                 f"{compile_origin(job)})" if job is not None else "",
+                 f"{compile_origin(job, first_call)})" if job is not None else "",
                  extra={"fewstep_capture": record})
         if self.on_change is not None:
             self.on_change()
@@ -323,12 +338,12 @@ class GraphCache:
             log.warning("FewStepAccelerate: %s", message)
 
 
-def compile_origin(job) -> str:
+def compile_origin(job, first_call: bool = False) -> str:
     """Where a captured compiled graph's code came from, for the capture's log line."""
     if getattr(job, "loaded", False):
         read_ahead = getattr(job, "load_seconds", None)
         if read_ahead is not None:
-            first = ", used from the shape's first call" if getattr(job, "first_call", False) else ""
+            first = ", used from the shape's first call" if first_call else ""
             return (f"loaded from the compile saved on disk in {read_ahead + job.seconds:.1f} s, read ahead as "
                     f"the prompt was queued{first}, without tracing")
         return f"loaded from the compile saved on disk in {job.seconds:.1f} s, without tracing"
@@ -338,6 +353,9 @@ def compile_origin(job) -> str:
     return f"compiled in the background in {job.seconds:.1f} s{split}{saved}"
 
 
+# Failed captures kept for the life of the process, under the cudaMallocAsync allocator. Memory that
+# allocator hands out during a capture belongs to the graph; freed outside a capture after the capture
+# failed, it makes cudaFreeAsync fail inside a tensor's deleter, where PyTorch can only terminate the
 # process. The error's traceback holds the frames, and so the tensors, of the failed capture: kept,
 # they are never freed. Their memory is address space the driver maps only if a graph runs, so a
 # failed capture costs next to no GPU memory.

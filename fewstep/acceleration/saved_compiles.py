@@ -39,8 +39,8 @@ SUFFIX = ".fewstep-compiled"
 DIRECTORY_VARIABLE = "FEWSTEP_SAVED_COMPILES_DIR"
 FORMAT = 1  # the layout of a key and a file; a new one makes every older file unused
 # What a restarted server reads ahead when a prompt with Few-Step Accelerate is queued: the most recently
-# used files, two sizes' UNet and VAE decode. Reading one is seconds (the SDXL UNet's, 55 MB, about 4 s on
-# the H200's host), which then overlap the prompt's loading of the checkpoint instead of following it.
+# used files, two sizes' UNet and VAE decode. Reading one takes seconds (README, Speed), which then overlap
+# the prompt's loading of the checkpoint instead of following it.
 PRELOAD_FILES = 4
 
 # This installation of the pack: its files' names start with it. A saved compile refers to the pack's
@@ -280,30 +280,56 @@ class SavedCompiles:
             for file in files:
                 self._preloading[self.key_of(file)] = threading.Event()
         # Started with no files too: its log line says that nothing was there to read.
-        threading.Thread(target=self._preload, args=(files, around, inference_mode), name="fewstep-preload",
-                         daemon=True).start()
+        try:
+            threading.Thread(target=self._preload, args=(files, around, inference_mode), name="fewstep-preload",
+                             daemon=True).start()
+        except RuntimeError:  # no thread to be had: nothing is read ahead, nobody waits for it
+            with self._preload_lock:
+                for event in self._preloading.values():
+                    event.set()
+                self._preloading.clear()
         return [self.key_of(file) for file in files]
 
     def _preload(self, files: list[Path], around, inference_mode: bool) -> None:
         started, read = time.perf_counter(), []
-        with around(), torch.inference_mode(inference_mode):
-            for file in files:
-                key = self.key_of(file)
-                began = time.perf_counter()
-                try:
-                    function, why = self.read(file, delete_unreadable=False)  # the job's own load decides
-                except Exception as error:  # never raised on this thread: the job reads it again
-                    function, why = None, f"{type(error).__name__}: {error}"
-                with self._preload_lock:
-                    if function is not None:
-                        self._preloaded[key] = (function, time.perf_counter() - began, inference_mode)
-                    self._preloading.pop(key).set()
-                if function is None:
-                    log.info("FewStepAccelerate: the saved compile %s is not read ahead: %s", file.name, why)
-                else:
-                    read.append(f"{key[:8]} {time.perf_counter() - began:.1f} s")
+        try:
+            # Its own CUDA stream: work on the legacy default stream would synchronise with a graph the
+            # prompt thread may be capturing meanwhile, and break it (as for the compile worker).
+            stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+            with (around(), torch.inference_mode(inference_mode),
+                  torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+                for file in files:
+                    key = self.key_of(file)
+                    began = time.perf_counter()
+                    try:
+                        function, why = self.read(file, delete_unreadable=False)  # the job's own load decides
+                    except Exception as error:  # never raised on this thread: the job reads it again
+                        function, why = None, f"{type(error).__name__}: {error}"
+                    with self._preload_lock:
+                        if function is not None:
+                            self._preloaded[key] = (function, time.perf_counter() - began, inference_mode)
+                        self._preloading.pop(key).set()
+                    if function is None:
+                        log.info("FewStepAccelerate: the saved compile %s is not read ahead: %s", file.name, why)
+                    else:
+                        read.append(f"{key[:8]} {time.perf_counter() - began:.1f} s")
+                if stream is not None:
+                    stream.synchronize()
+        finally:  # whatever happened, nobody waits for a reading that will not come
+            with self._preload_lock:
+                for event in self._preloading.values():
+                    event.set()
+                self._preloading.clear()
         log.info("FewStepAccelerate: read %d of the %d most recently used saved compiles ahead in %.1f s (%s)",
                  len(read), len(files), time.perf_counter() - started, ", ".join(read) or "none")
+
+    def wait_until_read(self, timeout: float | None = None) -> bool:
+        """Wait until every reading ahead has ended (for tests and benchmarks); False on timeout."""
+        with self._preload_lock:
+            events = list(self._preloading.values())
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return all(event.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                   for event in events)
 
     def reading_ahead(self) -> bool:
         """Whether anything is read ahead, or being read, for a job to take (cheap: asked at every new shape)."""
@@ -323,12 +349,11 @@ class SavedCompiles:
         if reading is not None and not reading.wait(timeout):
             return None
         with self._preload_lock:
-            taken = self._preloaded.pop(key, None)
-        if taken is None:
-            return None
-        function, seconds, read_in = taken
-        if inference_mode is not None and read_in != inference_mode:
-            return None  # its guards would refuse the call: the job reads the file itself
+            taken = self._preloaded.get(key)
+            if taken is None or (inference_mode is not None and taken[2] != inference_mode):
+                return None  # none, or its guards would refuse the call: the job reads the file itself
+            del self._preloaded[key]
+        function, seconds, _ = taken
         with contextlib.suppress(OSError):  # pruned meanwhile: what was read is still good
             os.utime(self.path(key))  # recently used: kept longest
         return function, seconds
