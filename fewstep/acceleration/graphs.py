@@ -151,8 +151,10 @@ class GraphCache:
         dynamic = batch not in (None, 0, 1) and signature not in self.reuse_refused
         try:
             form = saved_form()
-            # The key first: a job (copies of the inputs, a compiler form) only for a call read ahead.
-            key = compile_key(form, inputs, dynamic, self.compile_backend)
+            # The key first: a job (copies of the inputs, a compiler form) only for a call read ahead. The
+            # key holds the strides of the job's copies, which empty_like gives without copying.
+            key = compile_key(form, [None if x is None else torch.empty_like(x) for x in inputs], dynamic,
+                              self.compile_backend)
         except Exception:  # the usual path runs, and says what fails there
             return None
         if not STORE.expecting(key):
