@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .captured_graph import interrupted_by_a_sync_check, wait_for
 from .compiler import COMPILE_OPTIONS, compile_config
 from .saved_compiles import PRELOAD_FILES, STORE, SavedForm, aot_compile, compile_key, refusal
 
@@ -87,6 +88,11 @@ class PromptActivity:
 
 
 ACTIVITY = PromptActivity()
+
+# A job refused a wait for the GPU by a capture's check on the prompt thread (torch's switch for that
+# check is process-wide; captured_graph.host_syncs_are_errors) runs again, this many times at most:
+# the check lasts one warm-up run, so a second attempt meets it only if another capture starts then.
+SYNC_CHECK_RETRIES = 2
 
 # The first run compiles (Inductor also times its kernels' launch configurations there); the second
 # runs the finished code once, so the prompt thread's capture finds nothing left to do.
@@ -162,29 +168,42 @@ class CompileJob:
         """On the worker thread: compile, run the compiled code once more, release the inputs."""
         started = time.perf_counter()
         try:
-            if not self.cancelled:
-                device = next((x.device for x in self.inputs if x is not None), torch.device("cpu"))
-                # Its own stream: the prompt thread may be capturing a graph meanwhile, and work on the
-                # legacy default stream would synchronise with the capturing stream and break it.
-                stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-                with (torch.inference_mode(self.inference_mode), torch.set_grad_enabled(self.grad_enabled),
-                      torch._dynamo.config.patch(**compile_config()),
-                      torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
-                    if self.saved_form is not None and self.saved is None:
-                        self._compile_saved()
-                    compiled, inputs = self.compiled, self.inputs
-                    if self.saved is not None:  # called as the prompt thread will: on unmarked tensors
-                        compiled, inputs = self.runnable(), unmarked(self.inputs)
-                    for _ in range(COMPILE_RUNS):
-                        compiled(*inputs)
-                if stream is not None:
-                    stream.synchronize()
+            for attempt in range(1 + SYNC_CHECK_RETRIES):
+                try:
+                    self._run_once()
+                    break
+                except RuntimeError as error:
+                    if not interrupted_by_a_sync_check(error) or attempt == SYNC_CHECK_RETRIES:
+                        raise
+                    log.info("FewStepAccelerate: a background compile waited for the GPU while a capture "
+                             "checked its warm-up for such waits (%s); running the compile again",
+                             first_line(error))
         except BaseException as error:  # reported by the cache on the prompt thread, never raised here
             self.error = error
         finally:
             self.inputs = None  # the copies' memory goes back before anyone waits on this job
             self.seconds = time.perf_counter() - started
             self._done.set()
+
+    def _run_once(self) -> None:
+        if self.cancelled:
+            return
+        device = next((x.device for x in self.inputs if x is not None), torch.device("cpu"))
+        # Its own stream: the prompt thread may be capturing a graph meanwhile, and work on the
+        # legacy default stream would synchronise with the capturing stream and break it.
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        with (torch.inference_mode(self.inference_mode), torch.set_grad_enabled(self.grad_enabled),
+              torch._dynamo.config.patch(**compile_config()),
+              torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+            if self.saved_form is not None and self.saved is None:
+                self._compile_saved()
+            compiled, inputs = self.compiled, self.inputs
+            if self.saved is not None:  # called as the prompt thread will: on unmarked tensors
+                compiled, inputs = self.runnable(), unmarked(self.inputs)
+            for _ in range(COMPILE_RUNS):
+                compiled(*inputs)
+        if stream is not None:
+            wait_for(stream)
 
     def _compile_saved(self) -> None:
         """`saved`: loaded from disk, or compiled ahead of time and saved; left None where torch cannot
@@ -208,6 +227,8 @@ class CompileJob:
             function = aot_compile(form, self.inputs, self.backend_name, options,
                                    dynamic=None if self.dynamic_batch else False)
         except Exception as error:
+            if interrupted_by_a_sync_check(error):
+                raise  # nothing wrong with the form: the job runs again (run)
             log.debug("FewStepAccelerate: the ahead-of-time compile failed", exc_info=True)
             self.save_problem = f"torch cannot compile it in a form it can save ({first_line(error)})"
             return

@@ -85,6 +85,10 @@ class CapturedGraph:
         return self.static_output
 
 
+# What torch raises for a synchronising operation while its sync debug mode is "error".
+HOST_SYNC_REFUSED = "called a synchronizing CUDA operation"
+
+
 @contextlib.contextmanager
 def host_syncs_are_errors():
     """Within: an operation that waits for the GPU (.item(), .cpu(), nonzero, …) raises.
@@ -93,6 +97,10 @@ def host_syncs_are_errors():
     down under the cudaMallocAsync allocator (the capture's memory is then freed on a stream whose
     capture failed, inside a tensor's deleter). The last warm-up run checks for it, so such a
     function is never captured at all.
+
+    torch's switch is process-wide: while it is on, a wait for the GPU on any other thread (the compile
+    worker's, the read-ahead's) is refused as well. Those threads wait through events, which it does not
+    count (wait_for), and work refused all the same is done again (interrupted_by_a_sync_check).
     """
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
@@ -100,3 +108,19 @@ def host_syncs_are_errors():
         yield
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
+def interrupted_by_a_sync_check(error: BaseException) -> bool:
+    """Whether `error` is torch refusing a wait for the GPU under host_syncs_are_errors. Raised on a
+    thread that never turns the check on, it says only that the prompt thread was checking a warm-up
+    run at that moment, not that anything is wrong with the work that was refused."""
+    return isinstance(error, RuntimeError) and HOST_SYNC_REFUSED in str(error)
+
+
+def wait_for(stream: torch.cuda.Stream) -> None:
+    """Wait on the host until the work queued on `stream` is done, through an event: torch's sync debug
+    mode counts a stream's synchronisation, which another thread's host_syncs_are_errors would refuse,
+    and not an event's."""
+    done = torch.cuda.Event()
+    done.record(stream)
+    done.synchronize()
