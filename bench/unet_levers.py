@@ -10,19 +10,29 @@ Few-Step Accelerate runs it, in four variants (testing/unet_levers.py says what 
   fp8         the transformer blocks' linear layers as FP8 (e4m3) products, row-wise scales
   fp8_fused   both
 
+Two more variants, asked for by name, compare a compile saved to disk with the same compile loaded by
+another process, as a cold server saves it and a restarted one loads it (fewstep.acceleration.saved_compiles;
+RESULTS.md reports restarted servers slower per prompt):
+
+  fp16_saved   the pack's ahead-of-time compile of the UNet call, saved to `--out`/saved
+  fp16_loaded  that file, loaded in a process of its own (it waits for the file)
+
 Each variant and size runs in a process of its own, so that their compiles (minutes each) run side by side
 on the host's cores; then the processes take turns on the GPU, so that the times are side by side in one run.
 Per variant and image size (batch 1): the GPU time of one UNet call (the graph's replay, median of
 `--reps`), and the output's relative L2 distance from the fp16 UNet run eagerly on the same inputs.
 
     python3 bench/unet_levers.py --out bench/out/levers                # CUDA: 512² and 1024²
+    python3 bench/unet_levers.py --variants fp16 fp16_saved fp16_loaded --out bench/out/saved
     python3 bench/unet_levers.py --smoke --out /tmp/levers             # CPU, tiny UNet: checks the script
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,13 +45,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "testing"))
 import pack  # noqa: E402,F401 — registers the pack as the `comfyui_fewstep` package
 import tiny_models  # noqa: E402
+from comfy_attention import attention_as_on_cuda  # noqa: E402
 import unet_levers  # noqa: E402
 from comfy_harness import find_comfyui  # noqa: E402
 
 from comfyui_fewstep.fewstep.acceleration.compiler import COMPILE_OPTIONS  # noqa: E402
+from comfyui_fewstep.fewstep.acceleration.saved_compiles import SavedCompiles, SavedForm, aot_compile  # noqa: E402
 from gpu_models import SDXL_LDM, SDXL_UNET  # noqa: E402
 
-VARIANTS = ("fp16", "fused", "fp8", "fp8_fused")
+LEVERS = ("fp16", "fused", "fp8", "fp8_fused")
+SAVED_VARIANTS = ("fp16_saved", "fp16_loaded")
+VARIANTS = LEVERS + SAVED_VARIANTS
 SEED = 1234
 CONTEXT_TOKENS = 77
 
@@ -100,9 +114,12 @@ def worker(args) -> int:
         graphs = {}
         for size, example in inputs.items():
             torch._dynamo.reset()
-            compiled = torch.compile(call, backend=backend, dynamic=False, options=options)
             started = time.perf_counter()
-            with torch.inference_mode():
+            # In inference mode as ComfyUI runs prompts (a saved compile's guards hold it); on the CPU with
+            # the attention a GPU runs (the CPU's breaks the graph, which a saved compile cannot have).
+            with (torch.inference_mode(), attention_as_on_cuda() if args.smoke and args.worker in SAVED_VARIANTS
+                  else contextlib.nullcontext()):
+                compiled = compile_variant(args, unet, call, size, example, backend, options)
                 output = compiled(*example)
                 if cuda:
                     torch.cuda.synchronize()
@@ -124,6 +141,33 @@ def worker(args) -> int:
     (out / "result.json").write_text(json.dumps(result, indent=1))
     (out / "done").write_text("done")
     return 0
+
+
+def unet_call(unet, x, t, c, y):
+    """The call whose compile is saved (a module-level function: the loading process finds it by name)."""
+    return unet(x, t, context=c, y=y)
+
+
+def compile_variant(args, unet, call, size: int, example, backend: str, options):
+    """`call` compiled as the worker's variant does: torch.compile, or saved ahead of time, or loaded."""
+    if args.worker not in SAVED_VARIANTS:
+        return torch.compile(call, backend=backend, dynamic=False, options=options)
+    store, key = SavedCompiles(args.out / "saved"), f"unet-{size}"
+    if args.worker == "fp16_saved":
+        function = aot_compile(SavedForm(unet_call, (unet,), {"bench": "unet"}), list(example), backend, options,
+                               dynamic=False)
+        store.save(key, function)
+    else:
+        saving = args.out / f"fp16_saved-{size}" / "ready"
+        deadline = time.monotonic() + args.turn_timeout_s
+        while not store.path(key).exists():
+            if time.monotonic() > deadline or (saving.exists() and saving.read_text() == "failed"):
+                raise TimeoutError(f"no saved compile at {store.path(key)} (fp16_saved writes it; see its log)")
+            time.sleep(0.2)
+        function, why = store.read(store.path(key), delete_unreadable=False)
+        if function is None:
+            raise RuntimeError(why)
+    return lambda *tensors: function(unet, *tensors)
 
 
 def capture(compiled, example):
@@ -179,6 +223,8 @@ def orchestrate(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cells = [(variant, size) for variant in args.variants for size in args.sizes]
     env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 4) // len(cells)))}
+    if "fp16_saved" in args.variants:  # fp16_loaded waits for this run's file, not an earlier one
+        shutil.rmtree(args.out / "saved", ignore_errors=True)
     processes = {}
     for variant, size in cells:
         name = f"{variant}-{size}"
@@ -241,7 +287,7 @@ def report(summary: dict, sizes) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "unet_levers")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(LEVERS))
     parser.add_argument("--sizes", nargs="+", type=int, default=None)
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--turn-timeout-s", type=float, default=540)
