@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -119,11 +118,11 @@ def worker(args) -> int:
             # the attention a GPU runs (the CPU's breaks the graph, which a saved compile cannot have).
             with (torch.inference_mode(), attention_as_on_cuda() if args.smoke and args.worker in SAVED_VARIANTS
                   else contextlib.nullcontext()):
-                compiled = compile_variant(args, unet, call, size, example, backend, options)
+                compiled, waited_s = compile_variant(args, unet, call, size, example, backend, options)
                 output = compiled(*example)
                 if cuda:
                     torch.cuda.synchronize()
-                compile_s = time.perf_counter() - started
+                compile_s = time.perf_counter() - started - waited_s  # fp16_loaded: its load
                 graphs[size] = capture(compiled, example) if cuda else (lambda e=example, f=compiled: f(*e))
                 output = graphs[size]()
             result["sizes"][size] = {"compile_s": round(compile_s, 1),
@@ -149,9 +148,10 @@ def unet_call(unet, x, t, c, y):
 
 
 def compile_variant(args, unet, call, size: int, example, backend: str, options):
-    """`call` compiled as the worker's variant does: torch.compile, or saved ahead of time, or loaded."""
+    """`call` compiled as the worker's variant does (torch.compile, or saved ahead of time, or loaded), and
+    the seconds spent waiting for another process's file."""
     if args.worker not in SAVED_VARIANTS:
-        return torch.compile(call, backend=backend, dynamic=False, options=options)
+        return torch.compile(call, backend=backend, dynamic=False, options=options), 0.0
     store, key = SavedCompiles(args.out / "saved"), f"unet-{size}"
     if args.worker == "fp16_saved":
         function = aot_compile(SavedForm(unet_call, (unet,), {"bench": "unet"}), list(example), backend, options,
@@ -159,15 +159,18 @@ def compile_variant(args, unet, call, size: int, example, backend: str, options)
         store.save(key, function)
     else:
         saving = args.out / f"fp16_saved-{size}" / "ready"
+        began = time.perf_counter()
         deadline = time.monotonic() + args.turn_timeout_s
         while not store.path(key).exists():
             if time.monotonic() > deadline or (saving.exists() and saving.read_text() == "failed"):
                 raise TimeoutError(f"no saved compile at {store.path(key)} (fp16_saved writes it; see its log)")
             time.sleep(0.2)
+        waited_s = time.perf_counter() - began
         function, why = store.read(store.path(key), delete_unreadable=False)
         if function is None:
             raise RuntimeError(why)
-    return lambda *tensors: function(unet, *tensors)
+        return (lambda *tensors: function(unet, *tensors)), waited_s
+    return (lambda *tensors: function(unet, *tensors)), 0.0
 
 
 def capture(compiled, example):
@@ -223,13 +226,15 @@ def orchestrate(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cells = [(variant, size) for variant in args.variants for size in args.sizes]
     env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 4) // len(cells)))}
-    if "fp16_saved" in args.variants:  # fp16_loaded waits for this run's file, not an earlier one
-        shutil.rmtree(args.out / "saved", ignore_errors=True)
+    if "fp16_saved" in args.variants:  # fp16_loaded waits for this run's files, not an earlier run's
+        for size in args.sizes:
+            SavedCompiles(args.out / "saved").path(f"unet-{size}").unlink(missing_ok=True)
+    for variant, size in cells:  # before any worker starts: fp16_loaded reads fp16_saved's marker
+        for leftover in ("ready", "turn", "done", "result.json"):
+            (args.out / f"{variant}-{size}" / leftover).unlink(missing_ok=True)
     processes = {}
     for variant, size in cells:
         name = f"{variant}-{size}"
-        for leftover in ("ready", "turn", "done", "result.json"):
-            (args.out / name / leftover).unlink(missing_ok=True)
         command = [sys.executable, __file__, "--worker", variant, "--out", str(args.out), "--reps", str(args.reps),
                    "--sizes", str(size), "--turn-timeout-s", str(args.turn_timeout_s),
                    *(["--smoke"] if args.smoke else [])]

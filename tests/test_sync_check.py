@@ -10,6 +10,7 @@ its files are real (Dynamo, AOTAutograd, torch's saved-compile format).
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ from test_saved_compiles import job_for, model_module  # noqa: F401 — a fixtur
 
 from comfyui_fewstep.fewstep.acceleration import agreement
 from comfyui_fewstep.fewstep.acceleration.background import SYNC_CHECK_RETRIES, CompileJob
-from comfyui_fewstep.fewstep.acceleration.captured_graph import HOST_SYNC_REFUSED, interrupted_by_a_sync_check
+from comfyui_fewstep.fewstep.acceleration.captured_graph import (HOST_SYNC_REFUSED, SYNC_CHECKS,
+                                                                interrupted_by_a_sync_check)
 from comfyui_fewstep.fewstep.acceleration.saved_compiles import READ_RETRIES, SavedCompiles
 
 
@@ -65,6 +67,18 @@ def test_a_compile_refused_a_wait_by_another_threads_check_runs_again(model_modu
     assert agreement(output, expected, tolerance=1e-6).within_tolerance
 
 
+def test_a_refused_compile_runs_again_only_once_the_check_has_ended(model_module):
+    """The check lasts a warm-up run; an attempt made at once would meet the same check."""
+    backend, calls = refusing_backend(refusals=1)
+    finished = threading.Event()
+    with SYNC_CHECKS.open():  # the prompt thread's warm-up run, checked
+        worker = threading.Thread(target=lambda: (job_with(model_module, backend), finished.set()))
+        worker.start()
+        assert not finished.wait(timeout=10) and len(calls) == 1  # refused, and waiting
+    assert finished.wait(timeout=120) and len(calls) == 2
+    worker.join()
+
+
 def test_a_compile_refused_every_time_or_failing_otherwise_reports_its_error(model_module):
     backend, calls = refusing_backend(refusals=1 + SYNC_CHECK_RETRIES)
     job, _, _ = job_with(model_module, backend)
@@ -95,6 +109,24 @@ def test_an_ahead_of_time_compile_refused_a_wait_runs_again_and_is_saved(model_m
     # Not taken for a form torch cannot save (which would leave the usual compile, unsaved).
     assert job.error is None and job.save_problem is None and len(calls) == 2
     assert job.saved is not None and job.saved_path.exists()
+
+
+def test_a_saving_refused_a_wait_is_tried_again(model_module, tmp_path, monkeypatch):
+    store = SavedCompiles(tmp_path / "saved")
+    save, tries = store.save, []
+
+    def refused_at_first(key, function):
+        tries.append(1)
+        if len(tries) == 1:
+            raise RuntimeError(HOST_SYNC_REFUSED)
+        return save(key, function)
+
+    monkeypatch.setattr(store, "save", refused_at_first)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        job = job_for(model_module, model_module.Block(), torch.randn(2, 8), store)
+        job.run()
+    assert job.error is None and job.save_problem is None and len(tries) == 2 and job.saved_path.exists()
 
 
 @pytest.mark.parametrize("refusals", [1, 1 + READ_RETRIES])

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .captured_graph import interrupted_by_a_sync_check, wait_for
+from .captured_graph import SYNC_CHECKS, interrupted_by_a_sync_check, wait_for
 from .compiler import COMPILE_OPTIONS, compile_config
 from .saved_compiles import PRELOAD_FILES, STORE, SavedForm, aot_compile, compile_key, refusal
 
@@ -90,8 +90,8 @@ class PromptActivity:
 ACTIVITY = PromptActivity()
 
 # A job refused a wait for the GPU by a capture's check on the prompt thread (torch's switch for that
-# check is process-wide; captured_graph.host_syncs_are_errors) runs again, this many times at most:
-# the check lasts one warm-up run, so a second attempt meets it only if another capture starts then.
+# check is process-wide; captured_graph.host_syncs_are_errors) runs again once the check has ended, this
+# many times at most: a later attempt is refused only if another capture's check starts meanwhile.
 SYNC_CHECK_RETRIES = 2
 
 # The first run compiles (Inductor also times its kernels' launch configurations there); the second
@@ -176,8 +176,9 @@ class CompileJob:
                     if not interrupted_by_a_sync_check(error) or attempt == SYNC_CHECK_RETRIES:
                         raise
                     log.info("FewStepAccelerate: a background compile waited for the GPU while a capture "
-                             "checked its warm-up for such waits (%s); running the compile again",
+                             "checked its warm-up for such waits (%s); running the compile again after it",
                              first_line(error))
+                    SYNC_CHECKS.wait_until_none()
         except BaseException as error:  # reported by the cache on the prompt thread, never raised here
             self.error = error
         finally:
@@ -195,8 +196,8 @@ class CompileJob:
         with (torch.inference_mode(self.inference_mode), torch.set_grad_enabled(self.grad_enabled),
               torch._dynamo.config.patch(**compile_config()),
               torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
-            if self.saved_form is not None and self.saved is None:
-                self._compile_saved()
+            if self.saved_form is not None and self.saved is None and self.save_problem is None:
+                self._compile_saved()  # once: where it could not be, the usual compile runs instead
             compiled, inputs = self.compiled, self.inputs
             if self.saved is not None:  # called as the prompt thread will: on unmarked tensors
                 compiled, inputs = self.runnable(), unmarked(self.inputs)
@@ -233,10 +234,15 @@ class CompileJob:
             self.save_problem = f"torch cannot compile it in a form it can save ({first_line(error)})"
             return
         self.saved, self.backend_seconds = function, None  # not measured apart on this path
-        try:
-            self.saved_path = self.store.save(key, function)
-        except Exception as error:  # a full disk, a read-only folder: used now, compiled again next time
-            self.save_problem = f"saving it failed ({first_line(error)})"
+        for attempt in range(1 + SYNC_CHECK_RETRIES):
+            try:
+                self.saved_path = self.store.save(key, function)
+                return
+            except Exception as error:  # a full disk, a read-only folder: used now, compiled again next time
+                if not interrupted_by_a_sync_check(error) or attempt == SYNC_CHECK_RETRIES:
+                    self.save_problem = f"saving it failed ({first_line(error)})"
+                    return
+                SYNC_CHECKS.wait_until_none()
 
     def use_preloaded(self, timeout: float = PRELOAD_WAIT_S) -> bool:
         """On the prompt thread, for a call an earlier server compiled: where its saved compile was read

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -87,6 +88,35 @@ class CapturedGraph:
 
 # What torch raises for a synchronising operation while its sync debug mode is "error".
 HOST_SYNC_REFUSED = "called a synchronizing CUDA operation"
+# How long refused work waits for the checks to end before it runs again: a check lasts one warm-up run
+# (well under a second for the models the pack accelerates).
+SYNC_CHECK_WAIT_S = 30.0
+
+
+class _SyncChecks:
+    """How many host_syncs_are_errors blocks are open, for refused work to wait until none is."""
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._open = 0
+
+    @contextlib.contextmanager
+    def open(self):
+        with self._condition:
+            self._open += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._open -= 1
+                self._condition.notify_all()
+
+    def wait_until_none(self, timeout: float = SYNC_CHECK_WAIT_S) -> bool:
+        with self._condition:
+            return self._condition.wait_for(lambda: self._open == 0, timeout)
+
+
+SYNC_CHECKS = _SyncChecks()
 
 
 @contextlib.contextmanager
@@ -100,14 +130,16 @@ def host_syncs_are_errors():
 
     torch's switch is process-wide: while it is on, a wait for the GPU on any other thread (the compile
     worker's, the read-ahead's) is refused as well. Those threads wait through events, which it does not
-    count (wait_for), and work refused all the same is done again (interrupted_by_a_sync_check).
+    count (wait_for), and work refused all the same is done again once no check is open
+    (interrupted_by_a_sync_check, SYNC_CHECKS.wait_until_none).
     """
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
+    with SYNC_CHECKS.open():
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
 
 
 def interrupted_by_a_sync_check(error: BaseException) -> bool:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .captured_graph import interrupted_by_a_sync_check, wait_for
+from .captured_graph import SYNC_CHECKS, interrupted_by_a_sync_check, wait_for
 
 # The disk the saved compiles may take together, the most recently used kept: an SDXL size (UNet and VAE
 # decode) takes about 77 MB, so about 26 sizes.
@@ -45,7 +45,8 @@ FORMAT = 1  # the layout of a key and a file; a new one makes every older file u
 # the prompt's loading of the checkpoint instead of following it.
 PRELOAD_FILES = 4
 # A reading refused a wait for the GPU by a capture's check on the prompt thread (see
-# captured_graph.host_syncs_are_errors) is tried again this many times: the file is not at fault.
+# captured_graph.host_syncs_are_errors) is tried again once the check has ended, this many times at
+# most: the file is not at fault.
 READ_RETRIES = 2
 
 # This installation of the pack: its files' names start with it. A saved compile refers to the pack's
@@ -253,6 +254,7 @@ class SavedCompiles:
             except Exception as error:  # written by another torch, truncated, …
                 interrupted = interrupted_by_a_sync_check(error)  # nothing wrong with the file: read again
                 if interrupted and attempt < READ_RETRIES:
+                    SYNC_CHECKS.wait_until_none()
                     continue
                 if delete_unreadable and not interrupted:
                     path.unlink(missing_ok=True)
