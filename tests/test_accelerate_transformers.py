@@ -94,7 +94,7 @@ def flow_prompt(tiny, family: str, steps: int, vae_checkpoint: str | None = None
 
 
 @pytest.mark.parametrize("base,family,steps", [("sd35_large", "sd35_large_turbo", 4), ("flux_dev", "flux_turbo_alpha", 8),
-                                               ("qwen_image", "qwen_image_lightning", 1), ("z_image", "z_image_turbo", 1)])
+                                               ("qwen_image", "qwen_image_lightning", 1)])
 def test_accelerate_traces_the_transformer_as_comfyui_calls_it(comfy, sd15, monkeypatch, base, family, steps):
     from comfy import model_management
     from torch._dynamo.testing import CompileCounterWithBackend
