@@ -21,7 +21,7 @@ from comfyui_fewstep.fewstep.acceleration import agreement
 from comfyui_fewstep.fewstep.acceleration.background import SYNC_CHECK_RETRIES, CompileJob
 from comfyui_fewstep.fewstep.acceleration.captured_graph import (HOST_SYNC_REFUSED, SYNC_CHECKS,
                                                                 interrupted_by_a_sync_check)
-from comfyui_fewstep.fewstep.acceleration.saved_compiles import READ_RETRIES, SavedCompiles
+from comfyui_fewstep.fewstep.acceleration.saved_compiles import SavedCompiles
 
 
 def refusing_backend(refusals: int, error: str = HOST_SYNC_REFUSED):
@@ -129,7 +129,7 @@ def test_a_saving_refused_a_wait_is_tried_again(model_module, tmp_path, monkeypa
     assert job.error is None and job.save_problem is None and len(tries) == 2 and job.saved_path.exists()
 
 
-@pytest.mark.parametrize("refusals", [1, 1 + READ_RETRIES])
+@pytest.mark.parametrize("refusals", [1, 1 + SYNC_CHECK_RETRIES])
 def test_a_reading_refused_a_wait_is_read_again_and_the_file_kept(model_module, tmp_path, monkeypatch, refusals):
     store = SavedCompiles(tmp_path / "saved")
     model = model_module.Block()
@@ -151,7 +151,7 @@ def test_a_reading_refused_a_wait_is_read_again_and_the_file_kept(model_module, 
     monkeypatch.setattr(torch.compiler, "load_compiled_function", refused_at_first)
     torch._dynamo.reset()
     function, why = store.read(job.saved_path)  # as a job's own load: an unreadable file would be deleted
-    if refusals <= READ_RETRIES:
+    if refusals <= SYNC_CHECK_RETRIES:
         assert function is not None and why is None and len(tries) == refusals + 1
     else:
         assert function is None and HOST_SYNC_REFUSED in why and len(tries) == refusals

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .captured_graph import SYNC_CHECKS, interrupted_by_a_sync_check, wait_for
+from .captured_graph import SYNC_CHECK_RETRIES, interrupted_by_a_sync_check, retried_after_sync_checks, wait_for  # noqa: F401 — re-exported
 from .compiler import COMPILE_OPTIONS, compile_config
 from .saved_compiles import PRELOAD_FILES, STORE, SavedForm, aot_compile, compile_key, refusal
 
@@ -88,11 +88,6 @@ class PromptActivity:
 
 
 ACTIVITY = PromptActivity()
-
-# A job refused a wait for the GPU by a capture's check on the prompt thread (torch's switch for that
-# check is process-wide; captured_graph.host_syncs_are_errors) runs again once the check has ended, this
-# many times at most: a later attempt is refused only if another capture's check starts meanwhile.
-SYNC_CHECK_RETRIES = 2
 
 # The first run compiles (Inductor also times its kernels' launch configurations there); the second
 # runs the finished code once, so the prompt thread's capture finds nothing left to do.
@@ -168,17 +163,9 @@ class CompileJob:
         """On the worker thread: compile, run the compiled code once more, release the inputs."""
         started = time.perf_counter()
         try:
-            for attempt in range(1 + SYNC_CHECK_RETRIES):
-                try:
-                    self._run_once()
-                    break
-                except RuntimeError as error:
-                    if not interrupted_by_a_sync_check(error) or attempt == SYNC_CHECK_RETRIES:
-                        raise
-                    log.info("FewStepAccelerate: a background compile waited for the GPU while a capture "
-                             "checked its warm-up for such waits (%s); running the compile again after it",
-                             first_line(error))
-                    SYNC_CHECKS.wait_until_none()
+            # A wait refused by a capture's check on the prompt thread (torch's switch for it is
+            # process-wide; captured_graph.host_syncs_are_errors): nothing wrong with the job.
+            retried_after_sync_checks(self._run_once, "running the compile again after it")
         except BaseException as error:  # reported by the cache on the prompt thread, never raised here
             self.error = error
         finally:
@@ -234,15 +221,11 @@ class CompileJob:
             self.save_problem = f"torch cannot compile it in a form it can save ({first_line(error)})"
             return
         self.saved, self.backend_seconds = function, None  # not measured apart on this path
-        for attempt in range(1 + SYNC_CHECK_RETRIES):
-            try:
-                self.saved_path = self.store.save(key, function)
-                return
-            except Exception as error:  # a full disk, a read-only folder: used now, compiled again next time
-                if not interrupted_by_a_sync_check(error) or attempt == SYNC_CHECK_RETRIES:
-                    self.save_problem = f"saving it failed ({first_line(error)})"
-                    return
-                SYNC_CHECKS.wait_until_none()
+        try:
+            self.saved_path = retried_after_sync_checks(lambda: self.store.save(key, function),
+                                                        "saving the compile again after it")
+        except Exception as error:  # a full disk, a read-only folder: used now, compiled again next time
+            self.save_problem = f"saving it failed ({first_line(error)})"
 
     def use_preloaded(self, timeout: float = PRELOAD_WAIT_S) -> bool:
         """On the prompt thread, for a call an earlier server compiled: where its saved compile was read

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from typing import Callable, Sequence
@@ -10,6 +11,8 @@ import torch
 
 from .compiler import kernel_launches_by_address
 from .signatures import WeightSnapshot
+
+log = logging.getLogger("fewstep.acceleration")
 
 # Eager runs on a side stream before capturing: lazy initialisation (cuBLAS handles and workspaces,
 # cuDNN's algorithm choice, SDPA's backend) must happen outside the graph (PyTorch CUDA Graphs notes:
@@ -91,6 +94,9 @@ HOST_SYNC_REFUSED = "called a synchronizing CUDA operation"
 # How long refused work waits for the checks to end before it runs again: a check lasts one warm-up run
 # (well under a second for the models the pack accelerates).
 SYNC_CHECK_WAIT_S = 30.0
+# Refused work runs again this many times at most: a later attempt is refused only if another capture's
+# check starts meanwhile.
+SYNC_CHECK_RETRIES = 2
 
 
 class _SyncChecks:
@@ -131,7 +137,7 @@ def host_syncs_are_errors():
     torch's switch is process-wide: while it is on, a wait for the GPU on any other thread (the compile
     worker's, the read-ahead's) is refused as well. Those threads wait through events, which it does not
     count (wait_for), and work refused all the same is done again once no check is open
-    (interrupted_by_a_sync_check, SYNC_CHECKS.wait_until_none).
+    (retried_after_sync_checks).
     """
     with SYNC_CHECKS.open():
         previous = torch.cuda.get_sync_debug_mode()
@@ -147,6 +153,20 @@ def interrupted_by_a_sync_check(error: BaseException) -> bool:
     thread that never turns the check on, it says only that the prompt thread was checking a warm-up
     run at that moment, not that anything is wrong with the work that was refused."""
     return isinstance(error, RuntimeError) and HOST_SYNC_REFUSED in str(error)
+
+
+def retried_after_sync_checks(action: Callable[[], object], again: str, retries: int = SYNC_CHECK_RETRIES):
+    """`action()`, run again once no check is open where a check refused one of its waits for the GPU
+    (`retries` times at most, each said in the log with `again`); any other error is raised at once."""
+    for attempt in range(1 + retries):
+        try:
+            return action()
+        except RuntimeError as error:
+            if not interrupted_by_a_sync_check(error) or attempt == retries:
+                raise
+            log.info("FewStepAccelerate: a wait for the GPU was refused while a capture checked its warm-up "
+                     "for such waits (%s); %s", str(error).splitlines()[0][:200], again)
+            SYNC_CHECKS.wait_until_none()
 
 
 def wait_for(stream: torch.cuda.Stream) -> None:

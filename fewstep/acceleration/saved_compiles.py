@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .captured_graph import SYNC_CHECKS, interrupted_by_a_sync_check, wait_for
+from .captured_graph import interrupted_by_a_sync_check, retried_after_sync_checks, wait_for
 
 # The disk the saved compiles may take together, the most recently used kept: an SDXL size (UNet and VAE
 # decode) takes about 77 MB, so about 26 sizes.
@@ -44,10 +44,6 @@ FORMAT = 1  # the layout of a key and a file; a new one makes every older file u
 # used files, two sizes' UNet and VAE decode. Reading one takes seconds (README, Speed), which then overlap
 # the prompt's loading of the checkpoint instead of following it.
 PRELOAD_FILES = 4
-# A reading refused a wait for the GPU by a capture's check on the prompt thread (see
-# captured_graph.host_syncs_are_errors) is tried again once the check has ended, this many times at
-# most: the file is not at fault.
-READ_RETRIES = 2
 
 # This installation of the pack: its files' names start with it. A saved compile refers to the pack's
 # code by the module name ComfyUI gave it (the pack folder's path), so another installation sharing the
@@ -246,19 +242,16 @@ class SavedCompiles:
     def read(self, path: Path, delete_unreadable: bool = True):
         """The compiled function saved at `path`, or (None, why not); an unreadable file is deleted where
         `delete_unreadable` (a load for its own key: it is compiled again and replaced)."""
-        for attempt in range(1 + READ_RETRIES):
-            try:
-                with open(path, "rb") as file:
-                    function = torch.compiler.load_compiled_function(file)
-                break
-            except Exception as error:  # written by another torch, truncated, …
-                interrupted = interrupted_by_a_sync_check(error)  # nothing wrong with the file: read again
-                if interrupted and attempt < READ_RETRIES:
-                    SYNC_CHECKS.wait_until_none()
-                    continue
-                if delete_unreadable and not interrupted:
-                    path.unlink(missing_ok=True)
-                return None, f"the saved file could not be read ({type(error).__name__}: {str(error)[:200]})"
+        def load():
+            with open(path, "rb") as file:
+                return torch.compiler.load_compiled_function(file)
+
+        try:  # a wait refused by a capture's check (captured_graph.host_syncs_are_errors): read again
+            function = retried_after_sync_checks(load, "reading the saved compile again after it")
+        except Exception as error:  # written by another torch, truncated, …
+            if delete_unreadable and not interrupted_by_a_sync_check(error):  # refused: not the file's fault
+                path.unlink(missing_ok=True)
+            return None, f"the saved file could not be read ({type(error).__name__}: {str(error)[:200]})"
         changed = changed_sources(function)
         if changed:
             return None, (f"the code it traced has changed since it was saved ({', '.join(changed[:3])}"
