@@ -272,7 +272,7 @@ def test_compile_worker_starts_a_job_only_after_the_prompt_threads_runs_have_end
         def run(self):
             started.append(time.monotonic())
 
-    with ACTIVITY.run():
+    with ACTIVITY.open():
         worker.submit(Job())
         assert not worker.wait_until_idle(timeout=QUIET_SECONDS + 0.5) and not started
         ended = time.monotonic()

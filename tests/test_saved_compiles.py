@@ -344,7 +344,7 @@ def test_the_worker_loads_a_saved_compile_without_waiting_for_the_prompt_to_end(
     run_job(first)
     torch._dynamo.reset()
     worker = CompileWorker()
-    with ACTIVITY.run():  # a prompt is running
+    with ACTIVITY.open():  # a prompt is running
         job = worker.submit(job_for(model_module, model, x, store))
         assert job.saved_on_disk()
         assert worker.wait_until_idle(timeout=60)

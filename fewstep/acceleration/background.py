@@ -32,6 +32,7 @@ import torch
 
 from .captured_graph import SYNC_CHECK_RETRIES, interrupted_by_a_sync_check, retried_after_sync_checks, wait_for  # noqa: F401 — re-exported
 from .compiler import COMPILE_OPTIONS, compile_config
+from .open_blocks import OpenBlocks
 from .saved_compiles import PRELOAD_FILES, STORE, SavedForm, aot_compile, compile_key, refusal
 
 log = logging.getLogger("fewstep.acceleration")
@@ -55,39 +56,8 @@ PRELOAD_WAIT_S = 3.0
 WORKER_PRELOAD_WAIT_S = 120.0
 
 
-class PromptActivity:
-    """Whether an accelerated run is going on, and since when none is (for the worker to wait on)."""
-
-    def __init__(self):
-        self._condition = threading.Condition()
-        self._running = 0
-        self._last_end = 0.0
-
-    @contextlib.contextmanager
-    def run(self):
-        with self._condition:
-            self._running += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._running -= 1
-                self._last_end = time.monotonic()
-                self._condition.notify_all()
-
-    def wait_until_quiet(self, seconds: float) -> None:
-        with self._condition:
-            while True:
-                if self._running == 0:
-                    remaining = self._last_end + seconds - time.monotonic()
-                    if remaining <= 0:
-                        return
-                    self._condition.wait(remaining)
-                else:
-                    self._condition.wait()
-
-
-ACTIVITY = PromptActivity()
+# Whether an accelerated run is going on, and since when none is (for the worker to wait on).
+ACTIVITY = OpenBlocks()
 
 # The first run compiles (Inductor also times its kernels' launch configurations there); the second
 # runs the finished code once, so the prompt thread's capture finds nothing left to do.

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from typing import Callable, Sequence
 
 import torch
 
 from .compiler import kernel_launches_by_address
+from .open_blocks import OpenBlocks
 from .signatures import WeightSnapshot
 
 log = logging.getLogger("fewstep.acceleration")
@@ -99,30 +99,8 @@ SYNC_CHECK_WAIT_S = 30.0
 SYNC_CHECK_RETRIES = 2
 
 
-class _SyncChecks:
-    """How many host_syncs_are_errors blocks are open, for refused work to wait until none is."""
-
-    def __init__(self):
-        self._condition = threading.Condition()
-        self._open = 0
-
-    @contextlib.contextmanager
-    def open(self):
-        with self._condition:
-            self._open += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._open -= 1
-                self._condition.notify_all()
-
-    def wait_until_none(self, timeout: float = SYNC_CHECK_WAIT_S) -> bool:
-        with self._condition:
-            return self._condition.wait_for(lambda: self._open == 0, timeout)
-
-
-SYNC_CHECKS = _SyncChecks()
+# How many host_syncs_are_errors blocks are open, for refused work to wait until none is.
+SYNC_CHECKS = OpenBlocks()
 
 
 @contextlib.contextmanager
@@ -166,7 +144,7 @@ def retried_after_sync_checks(action: Callable[[], object], again: str, retries:
                 raise
             log.info("FewStepAccelerate: a wait for the GPU was refused while a capture checked its warm-up "
                      "for such waits (%s); %s", str(error).splitlines()[0][:200], again)
-            SYNC_CHECKS.wait_until_none()
+            SYNC_CHECKS.wait_until_none(SYNC_CHECK_WAIT_S)
 
 
 def wait_for(stream: torch.cuda.Stream) -> None:

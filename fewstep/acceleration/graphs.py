@@ -119,7 +119,7 @@ class GraphCache:
         once; and the compile worker waits for it to end (fewstep.acceleration.background)."""
         self._trusted = set()
         try:
-            with ACTIVITY.run():
+            with ACTIVITY.open():
                 yield
         finally:
             self._trusted = None
