@@ -23,7 +23,6 @@ import contextlib
 import functools
 import logging
 import queue
-import sys
 import threading
 import time
 from typing import Callable, Sequence
@@ -33,6 +32,7 @@ import torch
 from .captured_graph import SYNC_CHECK_RETRIES, interrupted_by_a_sync_check, retried_after_sync_checks, wait_for  # noqa: F401 — re-exported
 from .compiler import COMPILE_OPTIONS, compile_config
 from .open_blocks import OpenBlocks
+from .process_settings import inductor_compiling, shorter_switch_interval
 from .saved_compiles import PRELOAD_FILES, STORE, SavedForm, aot_compile, compile_key, refusal
 
 log = logging.getLogger("fewstep.acceleration")
@@ -158,8 +158,9 @@ class CompileJob:
             compiled, inputs = self.compiled, self.inputs
             if self.saved is not None:  # called as the prompt thread will: on unmarked tensors
                 compiled, inputs = self.runnable(), unmarked(self.inputs)
-            for _ in range(COMPILE_RUNS):
-                compiled(*inputs)
+            with inductor_compiling():  # the first run compiles, unless it was saved
+                for _ in range(COMPILE_RUNS):
+                    compiled(*inputs)
         if stream is not None:
             wait_for(stream)
 
@@ -182,8 +183,9 @@ class CompileJob:
             self.load_problem = why
         try:
             options = COMPILE_OPTIONS if self.backend_name == "inductor" else None
-            function = aot_compile(form, self.inputs, self.backend_name, options,
-                                   dynamic=None if self.dynamic_batch else False)
+            with inductor_compiling():
+                function = aot_compile(form, self.inputs, self.backend_name, options,
+                                       dynamic=None if self.dynamic_batch else False)
         except Exception as error:
             if interrupted_by_a_sync_check(error):
                 raise  # nothing wrong with the form: the job runs again (run)
@@ -240,26 +242,6 @@ class CompileJob:
             raise CompiledCodeNotUsed(
                 "the compiled code's guards did not match the prompt's call (the model or its settings "
                 "changed while it compiled)")
-
-
-_SWITCH_LOCK = threading.Lock()
-_switch_holders: list = []  # [the interval before the first holder] while any holds it short
-
-
-@contextlib.contextmanager
-def shorter_switch_interval(seconds: float):
-    """Within: Python's GIL switch interval at most `seconds` (process-wide). Blocks may overlap (several
-    workers): the process's own interval comes back when the last one ends."""
-    with _SWITCH_LOCK:
-        _switch_holders.append(sys.getswitchinterval() if not _switch_holders else _switch_holders[0])
-        sys.setswitchinterval(min(_switch_holders[0], seconds))
-    try:
-        yield
-    finally:
-        with _SWITCH_LOCK:
-            original = _switch_holders.pop()
-            if not _switch_holders:
-                sys.setswitchinterval(original)
 
 
 def unmarked(inputs: Sequence[torch.Tensor | None]) -> list:

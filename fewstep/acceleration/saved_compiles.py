@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .captured_graph import interrupted_by_a_sync_check, retried_after_sync_checks, wait_for
+from .process_settings import no_compile_worker_processes
 
 # The disk the saved compiles may take together, the most recently used kept: an SDXL size (UNet and VAE
 # decode) takes about 77 MB, so about 26 sizes.
@@ -243,7 +244,7 @@ class SavedCompiles:
         """The compiled function saved at `path`, or (None, why not); an unreadable file is deleted where
         `delete_unreadable` (a load for its own key: it is compiled again and replaced)."""
         def load():
-            with open(path, "rb") as file:
+            with open(path, "rb") as file, no_compile_worker_processes():
                 return torch.compiler.load_compiled_function(file)
 
         try:  # a wait refused by a capture's check (captured_graph.host_syncs_are_errors): read again
