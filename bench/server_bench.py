@@ -96,7 +96,7 @@ def compiled_parts(log: str) -> set[str]:
             if re.search(rf"captured {part} CUDA graph for .* \(compiled", log)}
 
 
-def phase_first(server: ComfyServer, client: TimedClient, prompt: dict, limit_s: float) -> dict:
+def phase_first(server: ComfyServer, client: TimedClient, prompt: dict, limit_s: float, runs: int = 10) -> dict:
     """Time to first image of a new size, then time until both parts replay compiled graphs (no
     compile of the node's left pending: every one captured or given up)."""
     prompt, output = with_output(prompt, "FewStepPreviewImage")
@@ -122,8 +122,10 @@ def phase_first(server: ComfyServer, client: TimedClient, prompt: dict, limit_s:
         result["accelerated_after_s"] = round(time.perf_counter() - started, 2)
     # Prompts sent while a part still compiled (they run on graphs of the eager kernels beside the worker).
     result["while_compiling"] = summary(while_compiling) if while_compiling else None
-    after = [client.time_prompt(reseeded(prompt, 900 + index), output) for index in range(10)]
+    after = [client.time_prompt(reseeded(prompt, 900 + index), output) for index in range(runs)]
     result["after_accelerated"] = summary(after)
+    # Each prompt's time to the image, in order: whether a server gets faster as it runs shows here.
+    result["after_accelerated_image_ms"] = [round(run["image"], 1) if "image" in run else None for run in after]
     return result
 
 
@@ -209,7 +211,7 @@ def main(argv=None) -> int:
     client = TimedClient(server)
     try:
         if "first" in args.phases:
-            results["first"] = phase_first(server, client, accelerated, args.first_limit_s)
+            results["first"] = phase_first(server, client, accelerated, args.first_limit_s, args.runs)
             print(f"first: {json.dumps(results['first'])[:1500]}", flush=True)
         if "batches" in args.phases:
             results["batches"] = {}
