@@ -156,3 +156,34 @@ def test_a_reading_refused_a_wait_is_read_again_and_the_file_kept(model_module, 
     else:
         assert function is None and HOST_SYNC_REFUSED in why and len(tries) == refusals
     assert job.saved_path.exists() and job.saved_path.stat().st_size == size  # the file is not at fault
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's check is for CUDA operations")
+def test_on_a_gpu_the_check_refuses_other_threads_waits_but_not_a_wait_through_an_event():
+    """What the retries and wait_for rest on, as torch does it on a GPU: the check is process-wide, a
+    stream's synchronisation and a copy to the host are refused on another thread, an event's is not."""
+    from comfyui_fewstep.fewstep.acceleration.captured_graph import host_syncs_are_errors, wait_for
+
+    x = torch.randn(1024, 1024, device="cuda")
+    outcomes = {}
+
+    def attempt(name, action):
+        try:
+            action()
+            outcomes[name] = "passed"
+        except RuntimeError as error:
+            outcomes[name] = "refused" if interrupted_by_a_sync_check(error) else repr(error)
+
+    def on_another_thread():
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            y = x @ x
+        attempt("event", lambda: wait_for(stream))
+        attempt("stream", stream.synchronize)
+        attempt("to the host", lambda: y[:2, :2].cpu())
+
+    with host_syncs_are_errors():
+        thread = threading.Thread(target=on_another_thread)
+        thread.start()
+        thread.join(30)
+    assert outcomes == {"event": "passed", "stream": "refused", "to the host": "refused"}
