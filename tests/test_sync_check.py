@@ -186,4 +186,5 @@ def test_on_a_gpu_the_check_refuses_other_threads_waits_but_not_a_wait_through_a
         thread = threading.Thread(target=on_another_thread)
         thread.start()
         thread.join(30)
+    assert not thread.is_alive(), "a wait on the other thread hung"
     assert outcomes == {"event": "passed", "stream": "refused", "to the host": "refused"}

@@ -32,7 +32,7 @@ import torch
 from .captured_graph import SYNC_CHECK_RETRIES, interrupted_by_a_sync_check, retried_after_sync_checks, wait_for  # noqa: F401 — re-exported
 from .compiler import COMPILE_OPTIONS, compile_config
 from .open_blocks import OpenBlocks
-from .process_settings import inductor_compiling, shorter_switch_interval
+from .process_settings import shorter_switch_interval
 from .saved_compiles import PRELOAD_FILES, STORE, SavedForm, aot_compile, compile_key, refusal
 
 log = logging.getLogger("fewstep.acceleration")
@@ -158,9 +158,8 @@ class CompileJob:
             compiled, inputs = self.compiled, self.inputs
             if self.saved is not None:  # called as the prompt thread will: on unmarked tensors
                 compiled, inputs = self.runnable(), unmarked(self.inputs)
-            with inductor_compiling():  # the first run compiles, unless it was saved
-                for _ in range(COMPILE_RUNS):
-                    compiled(*inputs)
+            for _ in range(COMPILE_RUNS):
+                compiled(*inputs)
         if stream is not None:
             wait_for(stream)
 
@@ -183,9 +182,8 @@ class CompileJob:
             self.load_problem = why
         try:
             options = COMPILE_OPTIONS if self.backend_name == "inductor" else None
-            with inductor_compiling():
-                function = aot_compile(form, self.inputs, self.backend_name, options,
-                                       dynamic=None if self.dynamic_batch else False)
+            function = aot_compile(form, self.inputs, self.backend_name, options,
+                                   dynamic=None if self.dynamic_batch else False)
         except Exception as error:
             if interrupted_by_a_sync_check(error):
                 raise  # nothing wrong with the form: the job runs again (run)

@@ -30,7 +30,7 @@ class OpenBlocks:
                 self._last_end = time.monotonic()
                 self._condition.notify_all()
 
-    def wait_until_none(self, timeout: float | None = None) -> bool:
+    def wait_until_none(self, timeout: float) -> bool:
         """Wait until no block is open; False if `timeout` passed first."""
         with self._condition:
             return self._condition.wait_for(lambda: self._open == 0, timeout)

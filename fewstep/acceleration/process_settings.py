@@ -1,9 +1,11 @@
-"""Process-wide settings held changed by overlapping blocks on several threads."""
+"""Process-wide state that the pack holds changed for a while, from blocks on several threads that may
+overlap: each comes back as it was when the last block ends."""
 from __future__ import annotations
 
 import contextlib
 import sys
 import threading
+from concurrent.futures import Future
 from typing import Any, Callable
 
 
@@ -25,10 +27,10 @@ class HeldSetting:
     @contextlib.contextmanager
     def held(self, value):
         with self._lock:
-            if not self._held:
-                self._saved = self._read()
+            saved = self._read() if not self._held else self._saved
+            self._write(self._combine(saved, [*self._held, value]))  # raises before anything is held
+            self._saved = saved
             self._held.append(value)
-            self._write(self._combine(self._saved, self._held))
         try:
             yield
         finally:
@@ -47,51 +49,63 @@ def shorter_switch_interval(seconds: float):
     return SWITCH_INTERVAL.held(seconds)
 
 
-def _compile_threads() -> Any:
-    import torch._inductor.config
-
-    return torch._inductor.config.compile_threads
-
-
-def _set_compile_threads(value) -> None:
-    import torch._inductor.config
-
-    torch._inductor.config.compile_threads = value
-
-
-# Inductor's compile threads (None: decided at its first compile). At 1, Inductor starts no pool of
-# compile worker processes.
-COMPILE_THREADS = HeldSetting(_compile_threads, _set_compile_threads, lambda saved, held: 1)
-
-
-# Held by an Inductor compile on the worker thread, or by a load that holds the compile threads at 1:
-# a compile that began with worker processes would, at 1, take its kernels' futures for the kernels.
-_INDUCTOR = threading.Lock()
-
-
-@contextlib.contextmanager
-def inductor_compiling():
-    """Within: this thread may compile with Inductor; no load holds its compile threads at 1 meanwhile."""
-    with _INDUCTOR:
-        yield
-
-
-@contextlib.contextmanager
-def no_compile_worker_processes():
-    """Within: code Inductor compiled earlier is loaded without starting its compile worker processes.
+class CompileWorkersHeldBack:
+    """Within `held()`: Inductor's pool of compile worker processes is not started.
 
     Loading a saved compile runs its generated module, which asks Inductor for each Triton kernel
-    whether its pool of compile workers is ready, and that first question starts the pool: one process
-    per CPU core, each importing torch for seconds, beside the restarted server's first prompts, which
-    ran slower until they settled (bench/RESULTS.md). A saved compile's kernels are built already and load
-    in this process either way (the pool is not ready while they do); a later compile starts the pool
-    when it needs one. While a compile runs, its pool is wanted, and the load leaves the setting alone.
+    whether the pool is ready (`AsyncCompile.use_process_pool`), and the first such question starts it:
+    a process per CPU core, each importing torch for seconds, beside the restarted server's first
+    prompts, which ran slower until they settled (bench/RESULTS.md). A saved compile's kernels are built
+    already and load in this process either way: the pool is not ready while they do.
+
+    Inductor takes the pool as not ready while its readiness future is pending; this puts a pending one
+    in place of none (a pool already started is left alone). Inductor's compile settings cannot do it:
+    in some torch versions they are per thread, in others process-wide, where a compile running on
+    another thread would see them change half-way. A compile that runs meanwhile builds its kernels in
+    its own thread, and one that waits for the pool to be ready waits until the block ends; the next
+    compile after it starts the pool as usual.
     """
-    if not _INDUCTOR.acquire(blocking=False):
-        yield
-        return
-    try:
-        with COMPILE_THREADS.held(1):
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._blocks = 0
+        self._pending: Future | None = None
+
+    @staticmethod
+    def _async_compile():
+        try:
+            from torch._inductor.async_compile import AsyncCompile
+        except Exception:  # a torch without Inductor: no pool to hold back
+            return None
+        return AsyncCompile if hasattr(AsyncCompile, "_ready_future") else None
+
+    @contextlib.contextmanager
+    def held(self):
+        async_compile = self._async_compile()
+        if async_compile is None:
             yield
-    finally:
-        _INDUCTOR.release()
+            return
+        with self._lock:
+            if self._blocks == 0 and async_compile._ready_future is None:
+                self._pending = Future()
+                async_compile._ready_future = self._pending
+            self._blocks += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._blocks -= 1
+                if self._blocks == 0 and self._pending is not None:
+                    if async_compile._ready_future is self._pending:
+                        async_compile._ready_future = None
+                    self._pending.set_result("held back")  # whoever waits for the pool asks again
+                    self._pending = None
+
+
+COMPILE_WORKERS = CompileWorkersHeldBack()
+
+
+def no_compile_worker_processes():
+    """Within: code Inductor compiled earlier loads without starting Inductor's compile worker processes
+    (CompileWorkersHeldBack)."""
+    return COMPILE_WORKERS.held()
