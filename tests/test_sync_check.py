@@ -18,8 +18,8 @@ import torch
 from test_saved_compiles import job_for, model_module  # noqa: F401 — a fixture
 
 from comfyui_fewstep.fewstep.acceleration import agreement
-from comfyui_fewstep.fewstep.acceleration.background import SYNC_CHECK_RETRIES, CompileJob
-from comfyui_fewstep.fewstep.acceleration.captured_graph import (HOST_SYNC_REFUSED, SYNC_CHECKS,
+from comfyui_fewstep.fewstep.acceleration.background import CompileJob
+from comfyui_fewstep.fewstep.acceleration.captured_graph import (HOST_SYNC_REFUSED, SYNC_CHECK_RETRIES, SYNC_CHECKS,
                                                                 interrupted_by_a_sync_check)
 from comfyui_fewstep.fewstep.acceleration.saved_compiles import SavedCompiles
 

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .captured_graph import SYNC_CHECK_RETRIES, interrupted_by_a_sync_check, retried_after_sync_checks, wait_for  # noqa: F401 — re-exported
+from .captured_graph import interrupted_by_a_sync_check, retried_after_sync_checks, wait_for
 from .compiler import COMPILE_OPTIONS, compile_config
 from .open_blocks import OpenBlocks
 from .process_settings import shorter_switch_interval
