@@ -23,6 +23,10 @@ decode stages (PhaseClock).
     python3 bench/gpu.py --configs flux_schnell,sd35_turbo --warmups 2 --reps 5 --budget-s 480
                                                # the flow rows (bench/gpu_flow.py): FLUX.1-schnell and SD3.5
                                                # Large Turbo, 4 steps 1024², batch 1 (--flow-batch4 adds 4)
+    python3 bench/gpu.py --server --phases first outputs --cold
+                                               # the same prompts as users run them: a real `python main.py`,
+                                               # default flags, timed from POST /prompt to the image at a
+                                               # websocket client (bench/server_bench.py; --server --help)
 """
 from __future__ import annotations
 
@@ -152,6 +156,12 @@ def diffusers_cells(built: Built, configs, args, memory: Memory, cuda: bool, res
 # ----------------------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--server"]:
+        # Through ComfyUI's own server instead of in process; its phases and flags are server_bench's.
+        import server_bench
+
+        return server_bench.main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, 64² images, one repetition")
     parser.add_argument("--tiny", action="store_true",
